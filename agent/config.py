@@ -1,0 +1,377 @@
+"""Hearth's configuration: one table of settings, parsed from YAML into a frozen dataclass.
+
+The dataclasses below *are* the settings table: every field carries its one-line help and its check in
+its metadata, and ``SETTINGS`` (used by parsing, ``hearth config``, the docs and ``summary()``) is
+derived from them. To add a setting, add a field to a section with ``setting(...)``; nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .fsutil import atomic_write
+
+DEFAULT_PATH = Path("/etc/hearth/hearth.yaml")
+"""Where the agent and the CLI read the node's configuration unless told otherwise."""
+
+Check = Callable[[Any], str | None]
+"""A check returns None when a value is good, else what is wrong with it (a short phrase)."""
+
+
+def setting(default: Any, help: str, check: Check | None = None, secret: bool = False) -> Any:
+    """Declare one setting: its default, its one-line help, an optional check, whether it is secret."""
+    meta = {"help": help, "check": check, "secret": secret}
+    if isinstance(default, list | dict):
+        raise TypeError("use a tuple for list settings; settings are frozen")
+    return field(default=default, metadata=meta)
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+_HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def check_hostname(value: str) -> str | None:
+    """A hostname label: 1-63 of a-z, 0-9 and '-', not starting or ending with '-'."""
+    if value == "":
+        return None
+    if not _HOSTNAME.match(value):
+        return "must be 1-63 lowercase letters, digits or '-', not starting or ending with '-'"
+    return None
+
+
+def check_port(value: int) -> str | None:
+    """A TCP port."""
+    return None if 1 <= value <= 65535 else "must be a port number from 1 to 65535"
+
+
+def in_range(lo: int, hi: int) -> Check:
+    """A check that an integer lies in [lo, hi]."""
+
+    def check(value: int) -> str | None:
+        return None if lo <= value <= hi else f"must be from {lo} to {hi}"
+
+    return check
+
+
+def one_of(*choices: str) -> Check:
+    """A check that a string is one of *choices*."""
+
+    def check(value: str) -> str | None:
+        return None if value in choices else "must be one of " + ", ".join(choices)
+
+    return check
+
+
+def check_address(value: str) -> str | None:
+    """An IP address to bind to."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return "must be an IP address such as 0.0.0.0 or 127.0.0.1"
+    return None
+
+
+def check_peers(value: tuple[str, ...]) -> str | None:
+    """Manual peers: host or IP, optionally with :port."""
+    for peer in value:
+        host, _, port = peer.rpartition(":") if peer.count(":") == 1 else (peer, "", "")
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            return f"peer {peer!r} has a bad port"
+        if not (host or peer).strip() or any(c.isspace() for c in peer):
+            return f"peer {peer!r} is not a host name or address"
+    return None
+
+
+# --- the table --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Who this node is."""
+
+    name: str = setting("", "Node name and hostname; empty means hearth-xxxx from the machine id.", check_hostname)
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The OpenAI-compatible (and Ollama-style) HTTP API."""
+
+    host: str = setting("0.0.0.0", "Address the API listens on.", check_address)
+    port: int = setting(8080, "TCP port of the API (and of the mesh, which rides on it).", check_port)
+    open_loopback: bool = setting(True, "Let clients on this machine (loopback) call the API without a key.")
+    max_body_bytes: int = setting(4 * 1024 * 1024, "Largest request body accepted, in bytes.", in_range(1024, 1 << 30))
+    queue_depth: int = setting(8, "Requests that may wait per model before new ones get 429.", in_range(0, 10_000))
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    """Where the node keeps what it must remember."""
+
+    dir: Path = setting(Path("/var/lib/hearth"), "State directory: identity, keys, household, models.")
+    models_dir: Path = setting(Path(""), "Model store; empty means <state.dir>/models.")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which model this node serves and how."""
+
+    name: str = setting("auto", "Catalogue name or GGUF file in the store to serve; 'auto' lets the profile pick; 'none' serves nothing.")
+    context: int = setting(0, "Context length in tokens; 0 means the profile's.", in_range(0, 1 << 20))
+    threads: int = setting(0, "CPU threads for generation; 0 means the profile's (physical cores).", in_range(0, 1024))
+    gpu_layers: int = setting(-1, "Layers to offload to the GPU; -1 means as many as fit.", in_range(-1, 10_000))
+    chat_format: str = setting("", "llama-cpp-python chat format; empty means the GGUF's own template.")
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """The household mesh."""
+
+    enabled: bool = setting(True, "Join the household mesh (needs a household secret).")
+    discovery: bool = setting(True, "Find peers with DNS-SD over mDNS (_hearth._tcp).")
+    peers: tuple[str, ...] = setting((), "Manual peers (host or IP[:port]) for networks that drop multicast.", check_peers)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """Logging."""
+
+    level: str = setting("info", "Log level.", one_of("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """A node's whole configuration, as read from hearth.yaml (frozen)."""
+
+    node: NodeSettings = field(default_factory=NodeSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    state: StateSettings = field(default_factory=StateSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    mesh: MeshSettings = field(default_factory=MeshSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    @property
+    def models_dir(self) -> Path:
+        """The model store's directory."""
+        return self.state.models_dir if str(self.state.models_dir) not in ("", ".") else self.state.dir / "models"
+
+    def replace(self, **dotted: Any) -> Config:
+        """A copy with settings changed by dotted key, e.g. ``replace(**{"api.port": 9000})``."""
+        data = to_dict(self)
+        for key, value in dotted.items():
+            section, _, name = key.partition(".")
+            data.setdefault(section, {})[name] = value
+        return from_dict(data)
+
+
+# --- derived table ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table, derived from the dataclasses above."""
+
+    key: str
+    type: Any
+    default: Any
+    help: str
+    check: Check | None
+    secret: bool
+
+
+def _sections() -> Iterator[tuple[str, type]]:
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        yield f.name, hints[f.name]
+
+
+def _settings() -> list[Setting]:
+    rows = []
+    for section, cls in _sections():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            rows.append(
+                Setting(f"{section}.{f.name}", hints[f.name], f.default, f.metadata["help"],
+                        f.metadata["check"], f.metadata["secret"])
+            )
+    return rows
+
+
+SETTINGS: list[Setting] = _settings()
+"""Every setting, in file order: the single source of truth for parsing, docs and summary."""
+
+_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+def _type_name(tp: Any) -> str:
+    if tp is tuple[str, ...]:
+        return "list of strings"
+    return {int: "integer", bool: "true/false", str: "string", Path: "path"}.get(tp, str(tp))
+
+
+def _coerce(row: Setting, value: Any, raw: str | None) -> Any:
+    """Turn a YAML value into the setting's type or raise ValueError with what is wrong."""
+    tp = row.type
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            # YAML reads `passphrase: 12345678` as a number; the text the person typed is what they meant.
+            return raw if raw is not None else str(value)
+    elif tp is Path:
+        if isinstance(value, str):
+            return Path(value)
+        if value is None:
+            return Path("")
+    elif tp == tuple[str, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, list) and all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
+            return tuple(str(v) for v in value)
+    raise ValueError(f"must be a {_type_name(tp)}, got {value!r}")
+
+
+def _suggest(key: str) -> str | None:
+    close = difflib.get_close_matches(key, list(_BY_KEY), n=1)
+    return f"did you mean '{close[0]}'?" if close else "see 'hearth config --list' for every setting"
+
+
+def _build(values: dict[str, dict[str, Any]]) -> Config:
+    sections = {}
+    for section, cls in _sections():
+        sections[section] = cls(**values.get(section, {}))
+    return Config(**sections)
+
+
+def from_dict(data: Any, source: str = "config") -> Config:
+    """Build a Config from plain data (a preset, the wizard); raises ConfigError naming the bad key."""
+    return _parse_mapping(data, lambda key: source)
+
+
+def _parse_mapping(data: Any, where: Callable[[str], str], raws: dict[str, str | None] | None = None) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where('')}: the file must be a mapping of sections (node:, api:, model: ...)",
+                          hint="see 'hearth config --list'")
+    values: dict[str, dict[str, Any]] = {}
+    known = {s for s, _ in _sections()}
+    for section, body in data.items():
+        if str(section) not in known:
+            close = difflib.get_close_matches(str(section), sorted(known), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "sections are " + ", ".join(sorted(known))
+            raise ConfigError(f"{where(str(section))}: unknown section '{section}'", hint=hint)
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where(str(section))}: '{section}' must be a mapping of settings")
+        for name, value in body.items():
+            key = f"{section}.{name}"
+            row = _BY_KEY.get(key)
+            if row is None:
+                raise ConfigError(f"{where(key)}: unknown setting '{key}'", hint=_suggest(key))
+            try:
+                coerced = _coerce(row, value, (raws or {}).get(key))
+            except ValueError as e:
+                raise ConfigError(f"{where(key)}: {key} {e}") from None
+            problem = row.check(coerced) if row.check else None
+            if problem:
+                raise ConfigError(f"{where(key)}: {key} {problem}")
+            values.setdefault(str(section), {})[str(name)] = coerced
+    return _build(values)
+
+
+def parse(text: str, source: str = "hearth.yaml") -> Config:
+    """Parse YAML text; errors name the file, the line and the key."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}{line}: not valid YAML: {problem}", hint="check the indentation and colons") from None
+    lines: dict[str, int] = {}
+    raws: dict[str, str | None] = {}
+    if isinstance(root, yaml.MappingNode):
+        for knode, vnode in root.value:
+            lines[str(knode.value)] = knode.start_mark.line + 1
+            if isinstance(vnode, yaml.MappingNode):
+                for k2, v2 in vnode.value:
+                    key = f"{knode.value}.{k2.value}"
+                    lines[key] = k2.start_mark.line + 1
+                    raws[key] = v2.value if isinstance(v2, yaml.ScalarNode) and v2.value != "" else None
+
+    def where(key: str) -> str:
+        line = lines.get(key) or lines.get(key.partition(".")[0])
+        return f"{source} line {line}" if line else source
+
+    return _parse_mapping(data, where, raws)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read the node's config (``$HEARTH_CONFIG`` or /etc/hearth/hearth.yaml); a missing file means defaults."""
+    p = Path(path) if path else Path(os.environ.get("HEARTH_CONFIG", DEFAULT_PATH))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Config()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {p}: {e}", hint="check the file's permissions and encoding") from None
+    return parse(text, str(p))
+
+
+def to_dict(config: Config, only_changed: bool = False) -> dict[str, dict[str, Any]]:
+    """Plain data for YAML: paths as strings, tuples as lists; optionally only non-default values."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in SETTINGS:
+        section, _, name = row.key.partition(".")
+        value = getattr(getattr(config, section), name)
+        if only_changed and value == row.default:
+            continue
+        if isinstance(value, Path):
+            value = "" if value == Path("") else str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def dump(config: Config) -> str:
+    """YAML text for *config*, only the settings that differ from the defaults."""
+    data = to_dict(config, only_changed=True)
+    header = "# Hearth node configuration. Every setting: hearth config --list\n"
+    return header + (yaml.safe_dump(data, sort_keys=False) if data else "{}\n")
+
+
+def save(config: Config, path: str | os.PathLike[str], mode: int = 0o644) -> None:
+    """Write *config* to *path* atomically."""
+    atomic_write(path, dump(config), mode=mode)
+
+
+def summary(config: Config) -> list[tuple[str, str, str]]:
+    """(key, value, help) for every setting, secrets masked: for ``hearth config``."""
+    rows = []
+    flat = to_dict(config)
+    for row in SETTINGS:
+        section, _, name = row.key.partition(".")
+        value = flat[section][name]
+        shown = "********" if row.secret and value else ("[]" if value == [] else str(value))
+        rows.append((row.key, shown, row.help))
+    return rows
