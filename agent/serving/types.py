@@ -1,0 +1,150 @@
+"""The contract between the API, the router, local workers and mesh peers.
+
+A request becomes a ``GenerationRequest``; whoever serves it (a local worker process or a peer node)
+is an ``Upstream`` that yields ``TokenChunk``s and ends with one ``Finished``. The same JSON form
+(``to_json``/``from_json``) travels to a worker over its socket and to a peer over the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from ..errors import HearthError
+
+Kind = Literal["chat", "completion"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation, already validated by the API; sampling parameters are explicit, never implied."""
+
+    model: str
+    kind: Kind
+    messages: tuple[dict[str, Any], ...] = ()
+    """Chat messages (role/content dicts) when kind == 'chat'."""
+    prompt: str = ""
+    """The prompt when kind == 'completion'."""
+    max_tokens: int | None = None
+    """Tokens to generate at most; None means until the context is full."""
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    hops: int = 0
+    """How many mesh hops this request has taken (a peer never forwards a request again)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data for the worker socket and the mesh."""
+        d = dataclasses.asdict(self)
+        d["messages"] = list(self.messages)
+        d["stop"] = list(self.stop)
+        return d
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GenerationRequest:
+        """The inverse of to_json; unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in data.items() if k in names}
+        kw["messages"] = tuple(kw.get("messages") or ())
+        kw["stop"] = tuple(kw.get("stop") or ())
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """A piece of generated text (whole UTF-8 characters only)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end of a generation: why it stopped and the usage counts."""
+
+    finish_reason: Literal["stop", "length", "cancelled"]
+    prompt_tokens: int
+    completion_tokens: int
+    served_by: str = ""
+    """The node id (or 'local') that generated the text."""
+
+
+Event = TokenChunk | Finished
+
+
+class UpstreamError(HearthError):
+    """An upstream could not serve a request. ``status`` is the HTTP status the API should answer with.
+
+    ``before_first_token`` is True when no text has reached the client yet, so the router may try the
+    next upstream.
+    """
+
+    def __init__(self, message: str, status: int = 503, hint: str | None = None,
+                 before_first_token: bool = True, retry_after: float | None = None) -> None:
+        super().__init__(message, hint)
+        self.status = status
+        self.before_first_token = before_first_token
+        self.retry_after = retry_after
+
+
+class QueueFull(UpstreamError):
+    """The model's queue is full: the API answers 429 with Retry-After."""
+
+    def __init__(self, model: str, retry_after: float = 1.0) -> None:
+        super().__init__(f"model '{model}' is busy: its queue is full", status=429,
+                         hint="retry after a moment", retry_after=retry_after)
+
+
+class ModelNotFound(UpstreamError):
+    """No node of the household serves the model: the API answers 404."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model '{model}' is not served by this household", status=404,
+                         hint="GET /v1/models lists the models served")
+
+
+@dataclass(frozen=True)
+class UpstreamLoad:
+    """How busy an upstream is, for routing: fewer waiting per slot and more speed win."""
+
+    queued: int
+    """Requests running or waiting."""
+    capacity: int
+    """Requests it accepts at once before 429 (running + queue)."""
+    tokens_per_second: float = 0.0
+    """Measured generation speed, 0 when unknown."""
+    loaded: bool = True
+    """The model is in memory (not just on disk)."""
+
+    @property
+    def headroom(self) -> float:
+        """Free fraction of capacity, 0..1."""
+        return max(0.0, 1.0 - self.queued / self.capacity) if self.capacity else 0.0
+
+
+@runtime_checkable
+class Upstream(Protocol):
+    """Something that can generate for one model: a local worker, or a peer node."""
+
+    node: str
+    """'local' for this node's worker, else the peer's node id."""
+    model: str
+
+    def load(self) -> UpstreamLoad:
+        """Its current load, cheap to call."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Stream the generation; raises UpstreamError. Closing the iterator cancels the generation."""
+        ...
+
+    async def embed(self, model: str, inputs: list[str]) -> tuple[list[list[float]], int]:
+        """Embeddings and prompt-token count; UpstreamError(400) when the model cannot embed."""
+        ...
