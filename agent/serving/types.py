@@ -148,3 +148,35 @@ class Upstream(Protocol):
     async def embed(self, model: str, inputs: list[str]) -> tuple[list[list[float]], int]:
         """Embeddings and prompt-token count; UpstreamError(400) when the model cannot embed."""
         ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model the household serves, for /v1/models, /api/tags and /api/ps."""
+
+    name: str
+    nodes: tuple[str, ...] = ("local",)
+    """Nodes that have it loaded ('local' for this one)."""
+    loaded: bool = True
+    context_length: int = 0
+    size_bytes: int = 0
+    can_embed: bool = False
+    family: str = ""
+    quantization: str = ""
+
+
+class Router(Protocol):
+    """Chooses an upstream per request (loaded, most headroom, local first on ties) and fails over
+    to the next one while no token has reached the client."""
+
+    def models(self) -> list[ModelInfo]:
+        """Every model the household serves, merged across nodes."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Stream from the best upstream; raises ModelNotFound, QueueFull or UpstreamError."""
+        ...
+
+    async def embed(self, model: str, inputs: list[str]) -> tuple[list[list[float]], int]:
+        """Embeddings from an upstream that has the model."""
+        ...
