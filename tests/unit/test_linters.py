@@ -38,8 +38,7 @@ def test_agent_never_imports_textual() -> None:
     code = (
         "import importlib, sys\n"
         "for name in ('hearth.cli', 'hearth.config', 'hearth.daemon', 'hearth.api.app', 'hearth.mesh'):\n"
-        "    if importlib.util.find_spec(name):\n"
-        "        importlib.import_module(name)\n"
+        "    importlib.import_module(name)\n"
         "print('textual' in sys.modules)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
