@@ -95,6 +95,68 @@ def check_peers(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def check_ifname(value: str) -> str | None:
+    """A network interface name (empty means every wired port)."""
+    if value == "" or re.match(r"^[A-Za-z0-9_.:-]{1,15}$", value):
+        return None
+    return "must be an interface name such as eth0 or enp3s0 (1-15 letters, digits, '-', '_', '.')"
+
+
+def check_cidr(value: str) -> str | None:
+    """A static address with its prefix length, e.g. 192.168.1.20/24 (empty means none)."""
+    if value == "":
+        return None
+    if "/" not in value:
+        return "must include the prefix length, e.g. 192.168.1.20/24"
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError:
+        return "must be an address with prefix length, e.g. 192.168.1.20/24"
+    if iface.ip == iface.network.network_address and iface.network.prefixlen < iface.max_prefixlen - 1:
+        return "is the network's own address; pick a host address such as .20"
+    return None
+
+
+def check_optional_ip(value: str) -> str | None:
+    """An IP address or nothing."""
+    return None if value == "" else check_address(value)
+
+
+def check_ips(value: tuple[str, ...]) -> str | None:
+    """A list of IP addresses."""
+    for item in value:
+        if check_address(item):
+            return f"{item!r} is not an IP address"
+    return None
+
+
+def check_passphrase(value: str) -> str | None:
+    """A WPA passphrase: 8-63 printable ASCII characters (empty means an open network or no Wi-Fi)."""
+    if value == "":
+        return None
+    if not 8 <= len(value) <= 63 or not all(32 <= ord(c) < 127 for c in value):
+        return "must be 8 to 63 printable ASCII characters"
+    return None
+
+
+def check_password_hash(value: str) -> str | None:
+    """A crypt(3) SHA-512 hash."""
+    if value == "" or re.match(r"^\$6\$(rounds=\d+\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86}$", value):
+        return None
+    return "must be a SHA-512 crypt hash ($6$...), as 'openssl passwd -6' prints"
+
+
+def check_ssh_key(value: str) -> str | None:
+    """One SSH public key line (empty means SSH stays off)."""
+    if value == "":
+        return None
+    parts = value.split()
+    kinds = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-")
+    if len(parts) < 2 or not parts[0].startswith(kinds) or "\n" in value.strip():
+        return "must be one public key line such as 'ssh-ed25519 AAAA... you@laptop'"
+    return None
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 
@@ -152,6 +214,47 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class ConsoleSettings:
+    """The local console."""
+
+    keymap: str = setting("us", "Console keyboard layout (a kbd keymap name such as us, de, fr, uk).",
+                          lambda v: None if re.match(r"^[A-Za-z0-9_.-]{1,40}$", v) else "must be a keymap name such as us or de")
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """How the node reaches the LAN (written as systemd-networkd files by the wizard or a preset)."""
+
+    interface: str = setting("", "Interface to configure; empty means DHCP on every wired port.", check_ifname)
+    mode: str = setting("dhcp", "How the interface gets its address: dhcp or static.", one_of("dhcp", "static"))
+    address: str = setting("", "Static address with prefix length, e.g. 192.168.1.20/24.", check_cidr)
+    gateway: str = setting("", "Static default gateway, e.g. 192.168.1.1.", check_optional_ip)
+    dns: tuple[str, ...] = setting((), "DNS servers for a static address.", check_ips)
+    wifi_ssid: str = setting("", "Wi-Fi network name to join; empty means no Wi-Fi.")
+    wifi_passphrase: str = setting("", "Wi-Fi passphrase; removed from a preset once applied.", check_passphrase, secret=True)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """The console/SSH administrator account (user 'admin')."""
+
+    password: str = setting("", "Admin password in clear (presets only): hashed on apply, then removed from the file.", secret=True)
+    password_hash: str = setting("", "Admin password as a SHA-512 crypt hash ($6$..., 'openssl passwd -6').",
+                                 check_password_hash, secret=True)
+    ssh_key: str = setting("", "SSH public key for admin; SSH stays off without one.", check_ssh_key)
+
+
+@dataclass(frozen=True)
+class HouseholdSettings:
+    """Which household this node belongs to."""
+
+    mode: str = setting("create", "create a new household, or join one with a code from another node.",
+                        one_of("create", "join"))
+    join_code: str = setting("", "Join code from 'hearth household invite' on another node; removed from a preset once applied.",
+                             secret=True)
+
+
+@dataclass(frozen=True)
 class Config:
     """A node's whole configuration, as read from hearth.yaml (frozen)."""
 
@@ -161,6 +264,10 @@ class Config:
     model: ModelSettings = field(default_factory=ModelSettings)
     mesh: MeshSettings = field(default_factory=MeshSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    household: HouseholdSettings = field(default_factory=HouseholdSettings)
 
     @property
     def models_dir(self) -> Path:
