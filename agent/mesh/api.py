@@ -1,0 +1,161 @@
+"""The /mesh/v1 HTTP endpoints peers call; every one needs a valid household signature.
+
+Refused requests (unsigned, forged, replayed, another household) are logged at WARNING with the peer's
+address and answered 401/403. /mesh/v1/generate streams from this node's *local* upstreams only, so a
+forwarded request is never forwarded again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+
+from ..serving.types import Finished, GenerationRequest, TokenChunk, UpstreamError
+from .auth import H_NONCE, H_SIG, AuthError, sign_answer
+
+if TYPE_CHECKING:
+    from .service import MeshService
+
+log = logging.getLogger(__name__)
+
+
+def _peer_addr(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
+def make_router(mesh: MeshService) -> APIRouter:
+    """The APIRouter for *mesh*."""
+    router = APIRouter(prefix="/mesh/v1", tags=["mesh"])
+
+    async def verified(request: Request) -> str:
+        body = await request.body()
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        try:
+            return mesh.verifier.verify(request.method, path, body, request.headers)
+        except AuthError as e:
+            log.warning("mesh: refused %s %s from %s: %s", request.method, request.url.path, _peer_addr(request),
+                        e.message)
+            raise HTTPException(e.status, detail=e.message) from None
+
+    def signed(request: Request, data: Any) -> Response:
+        body = json.dumps(data).encode()
+        sig = sign_answer(mesh.verifier.key, request.headers.get(H_NONCE, ""), mesh.node, body)
+        return Response(body, media_type="application/json", headers={H_SIG: sig})
+
+    @router.post("/hello")
+    async def hello(request: Request, sender: str = Depends(verified)) -> Response:
+        """Prove this node's household membership and key; learn the caller's."""
+        try:
+            data = json.loads(await request.body())
+            challenge = bytes.fromhex(data["challenge"])
+        except (ValueError, KeyError, TypeError):
+            raise HTTPException(400, detail="hello needs a hex challenge") from None
+        if len(challenge) < 16:
+            raise HTTPException(400, detail="challenge too short")
+        proof = mesh.identity.sign(b"hearth-hello" + challenge + mesh.node.encode())
+        return signed(request, {"node": mesh.node, "name": mesh.name, "public_key": mesh.identity.public_bytes.hex(),
+                                "proof": proof.hex(), "version": 1, "api_port": mesh.api_port})
+
+    @router.get("/state")
+    async def state(request: Request, sender: str = Depends(verified)) -> Response:
+        """This node's models, load and version, signed."""
+        return signed(request, mesh.local_state())
+
+    @router.post("/generate")
+    async def generate(request: Request, sender: str = Depends(verified)) -> Response:
+        """Stream a GenerationRequest from a local upstream as NDJSON events."""
+        try:
+            req = GenerationRequest.from_json(json.loads(await request.body()))
+        except (ValueError, TypeError) as e:
+            raise HTTPException(400, detail=f"bad generation request: {e}") from None
+        if req.hops > 1:
+            raise HTTPException(508, detail="request already forwarded once (loop)")
+        ups = [u for u in mesh.local_upstreams() if u.model == req.model]
+        if not ups:
+            raise HTTPException(404, detail=f"model '{req.model}' is not loaded on {mesh.name}")
+        ups.sort(key=lambda u: -u.load().headroom)
+        return StreamingResponse(_stream(mesh, ups, req), media_type="application/x-ndjson")
+
+    @router.post("/embed")
+    async def embed(request: Request, sender: str = Depends(verified)) -> JSONResponse:
+        """Embeddings from a local upstream."""
+        try:
+            data = json.loads(await request.body())
+            model, inputs = str(data["model"]), [str(x) for x in data["input"]]
+        except (ValueError, KeyError, TypeError):
+            raise HTTPException(400, detail="embed needs model and input") from None
+        ups = [u for u in mesh.local_upstreams() if u.model == model]
+        if not ups:
+            raise HTTPException(404, detail=f"model '{model}' is not loaded here")
+        try:
+            vectors, tokens = await ups[0].embed(model, inputs)
+        except UpstreamError as e:
+            raise HTTPException(e.status, detail=e.message) from None
+        return JSONResponse({"embeddings": vectors, "prompt_tokens": tokens})
+
+    @router.get("/models/{name}/info")
+    async def model_info(name: str, request: Request, sender: str = Depends(verified)) -> Response:
+        """Size and SHA-256 of a model file, signed (the copy is checked against it)."""
+        path = _model_path(mesh, name)
+        import asyncio
+
+        sha = await asyncio.to_thread(mesh.file_sha256, path)
+        return signed(request, {"name": name, "size": path.stat().st_size, "sha256": sha})
+
+    @router.get("/models/{name}")
+    async def model_file(name: str, sender: str = Depends(verified)) -> FileResponse:
+        """The model file itself; honours Range so an interrupted copy resumes."""
+        return FileResponse(_model_path(mesh, name), media_type="application/octet-stream")
+
+    @router.get("/peers")
+    async def peers(request: Request) -> JSONResponse:
+        """This node's view of the mesh, for `hearth peers` on the node itself (loopback only, no signature)."""
+        host = _peer_addr(request)
+        try:
+            local = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            local = False
+        if not local:
+            await verified(request)
+        return JSONResponse({"node": mesh.node, "name": mesh.name, "household": mesh.household.id,
+                             "self": mesh.local_state(), "peers": mesh.peers_summary()})
+
+    return router
+
+
+def _model_path(mesh: MeshService, name: str) -> Any:
+    for p in mesh.model_files():
+        if p.name == name:
+            return p
+    raise HTTPException(404, detail=f"no model file '{name}' on this node")
+
+
+async def _stream(mesh: MeshService, ups: list[Any], req: GenerationRequest) -> AsyncIterator[bytes]:
+    """NDJSON events from the first local upstream that starts; errors become an error event."""
+    for i, up in enumerate(ups):
+        got = False
+        try:
+            async for ev in up.generate(req):
+                if isinstance(ev, TokenChunk):
+                    got = True
+                    yield json.dumps({"type": "token", "text": ev.text}).encode() + b"\n"
+                elif isinstance(ev, Finished):
+                    yield json.dumps({"type": "finished", "finish_reason": ev.finish_reason,
+                                      "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                                      "served_by": mesh.node}).encode() + b"\n"
+                    return
+        except UpstreamError as e:
+            if got or not e.before_first_token or i == len(ups) - 1:
+                yield json.dumps({"type": "error", "message": e.message, "status": e.status}).encode() + b"\n"
+                return
+            continue
+        yield json.dumps({"type": "error", "message": "the worker ended without finishing", "status": 502}).encode() + b"\n"
+        return
+
+

@@ -1,0 +1,324 @@
+"""The mesh service: owns the shared AsyncZeroconf, finds candidates (mDNS and manual peers), proves them
+with a signed hello, polls their signed state every second, and keeps the router's peer upstreams in step.
+
+A candidate becomes a peer only after its hello proves the household secret (HMAC bound to our nonce) and
+its node key (Ed25519 over our challenge), and its key fingerprint matches what mDNS announced. A peer that
+stops answering is dropped within DROP_AFTER_S + one poll, and its open streams end at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .. import __version__ as hearth_version
+from ..config import Config
+from ..errors import HearthError
+from ..serving.types import Upstream
+from . import household as household_mod
+from . import identity as identity_mod
+from .auth import Verifier, derive_key
+from .client import MeshClient, PeerRefused
+from .discovery import Candidate, Discovery, local_addresses
+from .peers import Peer, PeerUpstream
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.0
+"""How often a peer's state is fetched (its heartbeat)."""
+STATE_TIMEOUT_S = 1.0
+DROP_AFTER_S = 3.0
+"""A peer with no good state answer for this long is dropped (plus at most one poll: under 5 s)."""
+REFUSED_RETRY_S = 5.0
+"""How often a candidate that failed its proof is asked again (it may join the household later)."""
+
+
+def parse_peer(spec: str, default_port: int) -> tuple[str, int]:
+    """'host', 'host:port', 'IPv4:port' or '[IPv6]:port' -> (host, port)."""
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    if spec.count(":") == 1:
+        host, _, port = spec.partition(":")
+        return host, int(port)
+    return spec, default_port
+
+
+def base_url(host: str, port: int) -> str:
+    """http://host:port with IPv6 brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@dataclass
+class _Candidate:
+    url: str
+    host: str
+    source: str
+    claimed_node: str = ""
+    claimed_fingerprint: str = ""
+    instance: str = ""
+    task: asyncio.Task[None] | None = None
+    peer: Peer | None = None
+    upstreams: dict[str, PeerUpstream] = field(default_factory=dict)
+
+
+class MeshService:
+    """Runs this node's part of the household mesh; start() and stop() belong to the daemon's lifecycle."""
+
+    def __init__(self, config: Config, router: Any = None, *,
+                 local_upstreams: Callable[[], list[Upstream]] | None = None,
+                 identity: identity_mod.Identity | None = None,
+                 household: household_mod.Household | None = None,
+                 interfaces: list[str] | None = None) -> None:
+        self.config = config
+        self.router = router
+        self.identity = identity or identity_mod.load_or_create(config.state.dir)
+        hh = household or household_mod.load(config.state.dir)
+        if hh is None:
+            raise household_mod.HouseholdError("the mesh needs a household",
+                                               hint="'hearth household create' or 'hearth household join CODE'")
+        self.household = hh
+        self.name = config.node.name or self.identity.default_name
+        self.node = self.identity.node_id
+        self.api_port = config.api.port
+        self.verifier = Verifier(derive_key(hh.secret))
+        self.interfaces = interfaces
+        self._local_upstreams = local_upstreams
+        self.client: MeshClient | None = None
+        self.candidates: dict[str, _Candidate] = {}
+        self.peers: dict[str, Peer] = {}
+        self.started_at = time.time()
+        self._zc: Any = None
+        self._discovery: Discovery | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sha_cache: dict[tuple[str, int, int], str] = {}
+
+    # --- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Announce this node, browse for peers and poll the manual ones."""
+        self.client = MeshClient(self.identity, self.household.secret, self.name, self.api_port)
+        if self.router is not None:
+            self.router.add_source(self)
+        if self.config.mesh.discovery:
+            from zeroconf import InterfaceChoice, IPVersion
+            from zeroconf.asyncio import AsyncZeroconf
+
+            addresses = self.interfaces or local_addresses(self.config.api.host)
+            self._zc = AsyncZeroconf(interfaces=self.interfaces or InterfaceChoice.All, ip_version=IPVersion.V4Only)
+            self._discovery = Discovery(self._zc, self.name, self.node, self.api_port, self.identity.fingerprint,
+                                        addresses, self._found, self._gone)
+            await self._discovery.start()
+        for spec in self.config.mesh.peers:
+            host, port = parse_peer(spec, self.api_port)
+            self._add_candidate(base_url(host, port), host, "manual")
+        log.info("mesh: node %s (%s) in household %s, %d manual peer(s), discovery %s", self.name, self.node,
+                 self.household.id, len(self.config.mesh.peers), "on" if self._discovery else "off")
+
+    async def stop(self) -> None:
+        """Unregister from mDNS, stop polling, drop every peer from the router, close the shared instances."""
+        if self.router is not None:
+            self.router.remove_source(self)
+        for cand in list(self.candidates.values()):
+            self._forget(cand)
+        tasks = [c.task for c in self.candidates.values() if c.task] + list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.candidates.clear()
+        if self._discovery is not None:
+            await self._discovery.stop()
+            self._discovery = None
+        if self._zc is not None:
+            await self._zc.async_close()
+            self._zc = None
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
+    # --- candidates --------------------------------------------------------------------------------------
+
+    def _found(self, c: Candidate) -> None:
+        url = base_url(c.host, c.port)
+        cand = self.candidates.get(url)
+        if cand is None:
+            cand = self._add_candidate(url, c.host, "mdns")
+        cand.claimed_node, cand.claimed_fingerprint, cand.instance = c.node, c.fingerprint, c.instance
+
+    def _gone(self, instance: str) -> None:
+        for url, cand in list(self.candidates.items()):
+            if cand.instance == instance and cand.source == "mdns":
+                log.info("mesh: %s said goodbye on mDNS", instance)
+                self._forget(cand)
+                if cand.task:
+                    cand.task.cancel()
+                del self.candidates[url]
+
+    def _add_candidate(self, url: str, host: str, source: str) -> _Candidate:
+        cand = _Candidate(url=url, host=host, source=source)
+        self.candidates[url] = cand
+        cand.task = asyncio.ensure_future(self._watch(cand))
+        return cand
+
+    async def _watch(self, cand: _Candidate) -> None:
+        """Prove a candidate, then poll its state; drop it when it stops answering."""
+        assert self.client is not None
+        failing_since: float | None = None
+        while True:
+            delay = POLL_S
+            try:
+                if cand.peer is None:
+                    delay = await self._greet(cand)
+                else:
+                    state = await self.client.state(cand.url, cand.peer.node, timeout=STATE_TIMEOUT_S)
+                    self._update(cand, state)
+                failing_since = None
+            except PeerRefused as e:
+                if cand.peer is not None:
+                    self._forget(cand, f"refused: {e}")
+                log.warning("mesh: %s candidate %s refused: %s", cand.source, cand.url, e)
+                delay = REFUSED_RETRY_S
+            except httpx.ConnectError as e:
+                # Connection refused (the process died) or unreachable: drop at once.
+                if cand.peer is not None:
+                    self._forget(cand, f"unreachable ({e})")
+                delay = POLL_S
+            except (httpx.HTTPError, ValueError) as e:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if cand.peer is not None and now - failing_since + POLL_S >= DROP_AFTER_S:
+                    self._forget(cand, f"no answer for {now - failing_since + POLL_S:.1f} s ({type(e).__name__})")
+                delay = 0.25
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad peer must never stop the mesh
+                log.exception("mesh: watching %s failed", cand.url)
+                delay = REFUSED_RETRY_S
+            await asyncio.sleep(delay)
+
+    async def _greet(self, cand: _Candidate) -> float:
+        """Hello and a first state; returns how long to wait before the next poll."""
+        assert self.client is not None
+        ans = await self.client.hello(cand.url)
+        if ans.node == self.node:
+            return 30.0  # ourselves, through a manual entry or another address
+        if cand.claimed_node and cand.claimed_node != ans.node:
+            raise PeerRefused(f"announced node {cand.claimed_node} but proved {ans.node}")
+        if cand.claimed_fingerprint and cand.claimed_fingerprint != ans.fingerprint:
+            raise PeerRefused(f"announced key {cand.claimed_fingerprint} but holds {ans.fingerprint}")
+        other = self.peers.get(ans.node)
+        if other is not None and other.url != cand.url:
+            return 2.0  # the same node reached by another address or source: keep the one we have
+        state = await self.client.state(cand.url, ans.node, timeout=STATE_TIMEOUT_S)
+        peer = Peer(node=ans.node, name=ans.name or ans.node, url=cand.url, host=cand.host, source=cand.source,
+                    fingerprint=ans.fingerprint)
+        cand.peer = peer
+        self.peers[peer.node] = peer
+        log.info("mesh: peer %s (%s) at %s joined via %s", peer.name, peer.node, cand.url, cand.source)
+        self._update(cand, state)
+        return POLL_S
+
+    def _update(self, cand: _Candidate, state: dict[str, Any]) -> None:
+        peer = cand.peer
+        assert peer is not None and self.client is not None
+        peer.state = state
+        peer.last_seen = time.time()
+        models = set(peer.loaded_models())
+        for model in models - set(cand.upstreams):
+            up = PeerUpstream(peer, model, self.client)
+            cand.upstreams[model] = up
+        for model in set(cand.upstreams) - models:
+            del cand.upstreams[model]
+
+    def _forget(self, cand: _Candidate, why: str = "") -> None:
+        peer = cand.peer
+        if peer is None:
+            return
+        if why:
+            log.warning("mesh: dropped peer %s (%s): %s", peer.name, peer.node, why)
+        peer.alive = False
+        peer.gone.set()
+        cand.upstreams.clear()
+        cand.peer = None
+        if self.peers.get(peer.node) is peer:
+            del self.peers[peer.node]
+
+    def upstreams(self) -> list[PeerUpstream]:
+        """Every proven, live peer's models as upstreams: the router asks this on each request."""
+        return [up for c in list(self.candidates.values()) if c.peer is not None and c.peer.alive
+                for up in c.upstreams.values()]
+
+    # --- what this node publishes ---------------------------------------------------------------------------
+
+    def local_upstreams(self) -> list[Upstream]:
+        """This node's own upstreams (never a peer's: a forwarded request is never forwarded again)."""
+        if self._local_upstreams is not None:
+            return list(self._local_upstreams())
+        if self.router is None:
+            return []
+        return [u for u in self.router.upstreams() if u.node == "local"]
+
+    def model_files(self) -> list[Path]:
+        """GGUF files in the model store (what a peer may copy)."""
+        try:
+            return sorted(p for p in self.config.models_dir.glob("*.gguf") if p.is_file())
+        except OSError:
+            return []
+
+    def local_state(self) -> dict[str, Any]:
+        """The state this node publishes to peers over the signed channel."""
+        models = []
+        queued = capacity = 0
+        for up in self.local_upstreams():
+            try:
+                load = up.load()
+            except Exception:  # a failing worker reports as unloaded
+                continue
+            queued += load.queued
+            capacity += load.capacity
+            models.append({"name": up.model, "loaded": load.loaded, "queued": load.queued, "capacity": load.capacity,
+                           "tokens_per_second": load.tokens_per_second})
+        files = [{"name": p.name, "size": p.stat().st_size} for p in self.model_files()]
+        return {"node": self.node, "name": self.name, "version": hearth_version, "protocol": 1,
+                "api_port": self.api_port, "models": models, "files": files, "queued": queued,
+                "capacity": capacity, "uptime_s": round(time.time() - self.started_at, 1)}
+
+    def peers_summary(self) -> list[dict[str, Any]]:
+        """Every live peer, for `hearth peers`."""
+        return [p.summary() for p in sorted(self.peers.values(), key=lambda p: p.name)]
+
+    def file_sha256(self, path: Path) -> str:
+        """SHA-256 of a model file, cached by (path, size, mtime) so a peer's copy costs one hash."""
+        import hashlib
+
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._sha_cache:
+            h = hashlib.sha256()
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            self._sha_cache[key] = h.hexdigest()
+        return self._sha_cache[key]
+
+    def peer_with_file(self, name: str) -> Peer | None:
+        """A live peer that has the model file *name* (the least busy one)."""
+        have = [p for p in self.peers.values() if any(f.get("name") == name for f in p.state.get("files", ()))]
+        return min(have, key=lambda p: p.state.get("queued", 0), default=None)
+
+    def api_router(self) -> Any:
+        """The FastAPI APIRouter with the /mesh/v1 endpoints (the daemon includes it)."""
+        from .api import make_router
+
+        return make_router(self)
+
+
+class MeshUnavailable(HearthError):
+    """The mesh cannot run (no household)."""
