@@ -1,0 +1,305 @@
+"""Generation on a loaded llama-cpp-python model: the token loop every Hearth path shares.
+
+The worker process serves requests with it, and the serving benchmark uses the very same loop as its
+"direct" baseline. It drives ``Llama.generate()`` token by token with an incremental UTF-8 decoder, so
+each token costs the same however long the answer grows (``create_completion(stream=True)``
+re-decodes all text so far on every token and turns quadratic).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import random
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import llamacpp
+from .types import Finished, GenerationRequest, UpstreamError
+
+log = logging.getLogger(__name__)
+
+_OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+
+
+class BadRequest(UpstreamError):
+    """The request cannot be served by this model as asked (the API answers 400)."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message, status=400, hint=hint)
+
+
+@dataclass
+class LoadOptions:
+    """How to load a model: the settings that config and profile decide."""
+
+    context: int = 0
+    """Context length in tokens; 0 means the model's own (capped at 8192 to bound memory)."""
+    threads: int = 0
+    """Generation threads; 0 lets llama.cpp choose."""
+    gpu_layers: int = -1
+    """Layers to offload; -1 means all."""
+    chat_format: str = ""
+    """A llama-cpp-python chat format name; empty means the GGUF's own template."""
+    batch: int = 512
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _LogCapture:
+    """Routes llama.cpp's log to stderr (warnings and errors only) and keeps the offload line."""
+
+    def __init__(self, llama_cpp: Any) -> None:
+        self.offloaded: tuple[int, int] | None = None
+
+        def callback(level: int, text: bytes | None, user_data: Any) -> None:
+            line = (text or b"").decode(errors="replace")
+            found = _OFFLOADED.search(line)
+            if found:
+                self.offloaded = (int(found.group(1)), int(found.group(2)))
+            if level in (2, 3):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+                sys.stderr.write(line)
+
+        # Keep a reference: llama.cpp calls it for the life of the process.
+        self._cb = llama_cpp.llama_log_callback(callback)
+        llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
+
+
+class Engine:
+    """A loaded model and the loop that turns a GenerationRequest into text pieces."""
+
+    def __init__(self, llama: Any, name: str = "", chat_format: str = "", offload: dict[str, Any] | None = None) -> None:
+        self.llama = llama
+        self.name = name
+        self._llama_cpp = llamacpp.load()
+        self._vocab = llama._model.vocab
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._formatter = self._chat_formatter(chat_format)
+        self.offload = offload or {}
+        meta = getattr(llama, "metadata", {}) or {}
+        arch = meta.get("general.architecture", "")
+        self.can_embed = bool(getattr(llama, "context_params", None) and llama.context_params.embeddings)
+        self.family = arch
+        self.n_ctx = llama.n_ctx()
+
+    # --- loading --------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path, options: LoadOptions | None = None, name: str = "") -> Engine:
+        """Load a GGUF file; errors become UpstreamError with a one-line message."""
+        opts = options or LoadOptions()
+        llama_cpp = llamacpp.load()
+        capture = _LogCapture(llama_cpp)
+        embedding = _is_embedding_model(path)
+        kwargs: dict[str, Any] = dict(
+            model_path=str(path), n_ctx=opts.context or 0, n_gpu_layers=opts.gpu_layers, n_batch=opts.batch,
+            embedding=embedding, verbose=False, chat_format=opts.chat_format or None, **opts.extra)
+        if opts.threads:
+            kwargs["n_threads"] = opts.threads
+            kwargs["n_threads_batch"] = opts.threads
+        try:
+            llama = llama_cpp.Llama(**kwargs)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise UpstreamError(f"cannot load model {path}: {e}", status=503,
+                                hint="check that the file is a complete GGUF model") from None
+        if not opts.context and llama.n_ctx() > 8192:
+            # A model's training context (often 32k-128k) would reserve gigabytes of KV cache.
+            llama.close()
+            kwargs["n_ctx"] = 8192
+            llama = llama_cpp.Llama(**kwargs)
+        n_layer = llama_cpp.llama_model_n_layer(llama.model)
+        done, total = capture.offloaded or (0, n_layer + 1)
+        offload = {
+            "devices": llamacpp.devices(),
+            "cpu_variant": llamacpp.cpu_variant(),
+            "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
+            "layers_offloaded": done,
+            "layers_total": total,
+        }
+        return cls(llama, name=name or Path(path).stem, chat_format=llama.chat_format or "", offload=offload)
+
+    def _chat_formatter(self, chat_format: str) -> Any:
+        from llama_cpp import llama_chat_format as lcf
+
+        meta = getattr(self.llama, "metadata", {}) or {}
+        if chat_format.startswith("chat_template."):
+            key = "tokenizer.chat_template" if chat_format == "chat_template.default" else "tokenizer." + chat_format
+            template = meta.get(key)
+            if template:
+                model = self.llama._model
+                eos, bos = self.llama.token_eos(), self.llama.token_bos()
+                return lcf.Jinja2ChatFormatter(
+                    template=template, eos_token=model.token_get_text(eos) if eos != -1 else "",
+                    bos_token=model.token_get_text(bos) if bos != -1 else "", stop_token_ids=[eos])
+        for candidate in (chat_format.replace("-", "_"), chat_format.replace("-", "")):
+            fn = getattr(lcf, f"format_{candidate}", None)
+            if callable(fn):
+                return fn
+        return None
+
+    # --- prompts --------------------------------------------------------------------------------
+
+    def tokens_for(self, request: GenerationRequest) -> tuple[list[int], tuple[str, ...]]:
+        """The prompt tokens for a request and the stop strings its chat format adds."""
+        stops: tuple[str, ...] = ()
+        if request.kind == "chat":
+            if self._formatter is None:
+                raise BadRequest(f"model '{self.name}' has no chat template",
+                                 hint="use /v1/completions, or set model.chat_format in hearth.yaml")
+            try:
+                formatted = self._formatter(messages=list(request.messages))
+            except Exception as e:  # a template may raise on roles it does not know
+                raise BadRequest(f"the chat template rejected the messages: {e}") from None
+            extra = formatted.stop
+            stops = (extra,) if isinstance(extra, str) else tuple(extra or ())
+            tokens = self.llama.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
+        else:
+            tokens = self.llama.tokenize(request.prompt.encode(), add_bos=True, special=True)
+        if not tokens:
+            raise BadRequest("the prompt is empty")
+        if len(tokens) >= self.n_ctx:
+            raise BadRequest(f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}",
+                             hint="shorten the prompt or the conversation")
+        return tokens, tuple(s for s in stops if s)
+
+    # --- generation -----------------------------------------------------------------------------
+
+    def _piece(self, token: int) -> bytes:
+        lc = self._llama_cpp
+        n = lc.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        if n < 0:
+            self._piece_buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        return self._piece_buf.raw[:n]
+
+    def stream(self, request: GenerationRequest, cancelled: Callable[[], bool] = lambda: False) -> Iterator[str | Finished]:
+        """Yield text pieces (whole characters, never partial stop text), then one Finished."""
+        tokens, format_stops = self.tokens_for(request)
+        stops = tuple(s for s in request.stop if s) + format_stops
+        n_prompt = len(tokens)
+        room = self.n_ctx - n_prompt
+        limit = room if request.max_tokens is None else min(request.max_tokens, room)
+        if limit <= 0:
+            yield Finished("length", n_prompt, 0)
+            return
+        llama = self.llama
+        llama.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        is_eog = self._llama_cpp.llama_vocab_is_eog
+        vocab = self._vocab
+        piece = self._piece
+        finish = "length"
+        n = 0
+        held = ""  # text that might be the start of a stop string
+        stopped = False
+        gen = llama.generate(tokens, top_k=request.top_k, top_p=request.top_p, min_p=request.min_p,
+                             temp=request.temperature, repeat_penalty=request.repeat_penalty, reset=True)
+        try:
+            for token in gen:
+                if is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                n += 1
+                text = decoder.decode(piece(token))
+                if text:
+                    if stops:
+                        held += text
+                        cut = _find_stop(held, stops)
+                        if cut is not None:
+                            if cut:
+                                yield held[:cut]
+                            held = ""
+                            finish = "stop"
+                            stopped = True
+                            break
+                        keep = _partial_stop(held, stops)
+                        if keep < len(held):
+                            yield held[: len(held) - keep]
+                            held = held[len(held) - keep:]
+                    else:
+                        yield text
+                if n >= limit:
+                    break
+                if cancelled():
+                    finish = "cancelled"
+                    break
+        finally:
+            gen.close()
+        if not stopped:
+            rest = held + decoder.decode(b"", final=True)
+            if rest:
+                yield rest
+        yield Finished(finish, n_prompt, n)  # type: ignore[arg-type]
+
+    def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:
+        """One embedding per input and the number of tokens read."""
+        if not self.can_embed:
+            raise BadRequest(f"model '{self.name}' does not provide embeddings",
+                             hint="serve an embedding model (for example a BERT-style GGUF) for /v1/embeddings")
+        count = 0
+        for text in inputs:
+            n = len(self.llama.tokenize(text.encode(), add_bos=True, special=True))
+            if n > self.n_ctx:
+                raise BadRequest(f"an input is {n} tokens but the context holds {self.n_ctx}")
+            count += n
+        vectors = self.llama.embed(inputs, normalize=True)
+        return [list(map(float, v)) for v in vectors], count
+
+    def info(self) -> dict[str, Any]:
+        """Facts about the loaded model for ModelInfo and /health."""
+        meta = getattr(self.llama, "metadata", {}) or {}
+        ftype = meta.get("general.file_type", "")
+        return {
+            "name": self.name,
+            "context_length": self.n_ctx,
+            "size_bytes": int(self.llama._model.size()),
+            "can_embed": self.can_embed,
+            "family": self.family,
+            "quantization": _FILE_TYPES.get(str(ftype), str(ftype)),
+            "chat_format": self.llama.chat_format or "",
+            "offload": self.offload,
+        }
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    best = None
+    for s in stops:
+        i = text.find(s)
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of *text* that begins some stop string (to hold back)."""
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), keep, -1):
+            if text.endswith(s[:k]):
+                keep = k
+                break
+    return keep
+
+
+def _is_embedding_model(path: str | Path) -> bool:
+    """True for encoder models (a pooling type in the GGUF): those are loaded for embeddings only."""
+    try:
+        import gguf  # type: ignore[import-untyped]
+
+        reader = gguf.GGUFReader(str(path))
+        arch_field = reader.fields.get("general.architecture")
+        if arch_field is None:
+            return False
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+        return f"{arch}.pooling_type" in reader.fields
+    except Exception:  # a reader problem must not stop a model that llama.cpp can load
+        return False
+
+
+_FILE_TYPES = {"0": "F32", "1": "F16", "2": "Q4_0", "3": "Q4_1", "7": "Q8_0", "8": "Q5_0", "9": "Q5_1",
+               "10": "Q2_K", "11": "Q3_K_S", "12": "Q3_K_M", "13": "Q3_K_L", "14": "Q4_K_S", "15": "Q4_K_M",
+               "16": "Q5_K_S", "17": "Q5_K_M", "18": "Q6_K", "30": "BF16"}
