@@ -1,0 +1,78 @@
+"""``hearth peers``: the household's other nodes as this node's agent sees them; ``peers copy`` fetches a model."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from ..errors import HearthError
+from .common import add_json_flag, load_config, print_json, print_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``peers`` subcommand."""
+    p = sub.add_parser("peers", help="list the household's other nodes (name, IP, models, load, last seen)")
+    p.add_argument("--url", help="the agent to ask (default: this node's, on loopback)")
+    add_json_flag(p)
+    ps = p.add_subparsers(dest="action", metavar="ACTION")
+    c = ps.add_parser("copy", help="copy a model file from a peer into this node's store (resumable)")
+    c.add_argument("name", help="the model file name, as 'hearth peers' lists it")
+    c.add_argument("--from", dest="peer", metavar="URL", help="the peer to copy from (default: any that has it)")
+    p.set_defaults(func=run, action=None)
+
+
+def _mesh_view(url: str) -> dict[str, Any]:
+    import httpx
+
+    try:
+        resp = httpx.get(url.rstrip("/") + "/mesh/v1/peers", timeout=5.0, trust_env=False)
+    except httpx.HTTPError as e:
+        raise HearthError(f"cannot reach the agent at {url}: {e}", hint="is hearth-agent running? (systemctl status hearth-agent)") from None
+    if resp.status_code != 200:
+        raise HearthError(f"the agent at {url} answered {resp.status_code}", hint="is the mesh enabled (mesh.enabled)?")
+    return resp.json()
+
+
+def run(args: argparse.Namespace) -> int:
+    """List peers, or copy a model from one."""
+    cfg = load_config(args)
+    url = args.url or f"http://127.0.0.1:{cfg.api.port}"
+    view = _mesh_view(url)
+    if args.action == "copy":
+        return _copy(args, cfg, view)
+    if args.json:
+        print_json(view)
+        return 0
+    rows = []
+    now = time.time()
+    for p in view["peers"]:
+        seen = f"{now - p['last_seen']:.0f}s ago" if p.get("last_seen") else "never"
+        load = f"{p.get('queued', 0)}/{p.get('capacity', 0)}"
+        rows.append((p["name"], p["host"], ", ".join(p.get("models") or []) or "-", load, seen))
+    if not rows:
+        print(f"{view['name']} sees no peers (household {view['household']})")
+        return 0
+    print_table(("name", "ip", "models", "load", "last seen"), rows)
+    return 0
+
+
+def _copy(args: argparse.Namespace, cfg: Any, view: dict[str, Any]) -> int:
+    from ..mesh import household, identity
+    from ..mesh.auth import derive_key
+    from ..mesh.copy import copy_from_peer
+
+    hh = household.load(cfg.state.dir)
+    if hh is None:
+        raise HearthError("this node has no household", hint="'hearth household join CODE'")
+    me = identity.load_or_create(cfg.state.dir)
+    peers = [p for p in view["peers"] if args.name in (p.get("files") or [])]
+    if args.peer:
+        peers = [p for p in view["peers"] if p["url"].rstrip("/") == args.peer.rstrip("/")] or peers
+    if not peers:
+        raise HearthError(f"no peer has a model file '{args.name}'", hint="'hearth peers --json' lists each peer's files")
+    peer = min(peers, key=lambda p: p.get("queued", 0))
+    print(f"copying {args.name} from {peer['name']} ({peer['host']})")
+    path = copy_from_peer(derive_key(hh.secret), me.node_id, peer["url"], peer["node"], args.name, cfg.models_dir)
+    print(f"copied to {path} (sha256 checked)")
+    return 0
