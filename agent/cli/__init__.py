@@ -15,6 +15,9 @@ from ..errors import HearthError
 
 COMMANDS = [
     "config",
+    "setup",
+    "household",
+    "peers",
 ]
 """Subcommand modules in help order; a new subcommand adds its module name here."""
 
