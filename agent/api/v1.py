@@ -1,0 +1,115 @@
+"""The OpenAI-compatible endpoints: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings."""
+
+from __future__ import annotations
+
+import base64
+import struct
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..serving.types import Finished, TokenChunk, UpstreamError
+from . import wire
+from .errors import ApiError
+from .generation import Generation, open_generation
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .state import api_state
+
+router = APIRouter(tags=["openai"])
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.get("/v1/models", summary="Models the household serves")
+async def list_models(request: Request) -> Response:
+    """OpenAI's model list."""
+    st = api_state(request)
+    created = int(st.started)
+    data = [{"id": m.name, "object": "model", "created": created, "owned_by": "hearth"}
+            for m in st.runtime.router.models()]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@router.get("/v1/models/{model:path}", summary="One model")
+async def get_model(model: str, request: Request) -> Response:
+    """OpenAI's model object, or 404."""
+    st = api_state(request)
+    for m in st.runtime.router.models():
+        if m.name == model:
+            return JSONResponse({"id": m.name, "object": "model", "created": int(st.started), "owned_by": "hearth"})
+    raise ApiError(404, f"model '{model}' is not served by this household", param="model",
+                   code="model_not_found")
+
+
+@router.post("/v1/chat/completions", summary="Chat completion (streaming or not)")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    """Generate the assistant's next message."""
+    st = api_state(request)
+    gen = await open_generation(st.runtime.router, body.to_generation(), request.receive, st.metrics)
+    if body.stream:
+        fmt = wire.OpenAIStream("chat", body.model, body.include_usage)
+        return StreamingResponse(_sse(gen, fmt), media_type="text/event-stream", headers=SSE_HEADERS)
+    text, fin = await gen.collect(request.receive)
+    return JSONResponse(wire.chat_completion(body.model, text, fin.finish_reason, fin.prompt_tokens,
+                                             fin.completion_tokens))
+
+
+@router.post("/v1/completions", summary="Text completion (streaming or not)")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    """Continue the prompt."""
+    st = api_state(request)
+    gen = await open_generation(st.runtime.router, body.to_generation(), request.receive, st.metrics)
+    if body.stream:
+        fmt = wire.OpenAIStream("completion", body.model, body.include_usage)
+        return StreamingResponse(_sse(gen, fmt), media_type="text/event-stream", headers=SSE_HEADERS)
+    text, fin = await gen.collect(request.receive)
+    return JSONResponse(wire.text_completion(body.model, text, fin.finish_reason, fin.prompt_tokens,
+                                             fin.completion_tokens))
+
+
+async def _sse(gen: Generation, fmt: wire.OpenAIStream) -> AsyncIterator[bytes]:
+    first = fmt.first()
+    if first:
+        yield first
+    token = fmt.token
+    try:
+        async for event in gen.rest():
+            if type(event) is TokenChunk:
+                yield token(event.text)
+            elif isinstance(event, Finished):
+                yield fmt.end(event.finish_reason, event.prompt_tokens, event.completion_tokens)
+    except UpstreamError as e:
+        # Headers are gone already: the error travels as an SSE event (the openai client raises it).
+        yield fmt.error(ApiError.from_upstream(e).openai_body())
+
+
+@router.post("/v1/embeddings", summary="Embeddings (models that can embed)")
+async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    """One vector per input text."""
+    st = api_state(request)
+    info = next((m for m in st.runtime.router.models() if m.name == body.model), None)
+    if info is None:
+        raise ApiError(404, f"model '{body.model}' is not served by this household", param="model",
+                   code="model_not_found")
+    if not info.can_embed:
+        raise ApiError(400, f"model '{body.model}' cannot make embeddings; serve an embedding model for "
+                       "/v1/embeddings", param="model")
+    try:
+        vectors, prompt_tokens = await st.runtime.router.embed(body.model, body.inputs())
+    except UpstreamError as e:
+        raise ApiError.from_upstream(e) from None
+    if body.dimensions is not None and vectors and body.dimensions != len(vectors[0]):
+        raise ApiError(400, f"model '{body.model}' makes {len(vectors[0])}-dimensional embeddings; "
+                       f"dimensions={body.dimensions} is not supported", param="dimensions")
+    data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+            for i, v in enumerate(vectors)]
+    return JSONResponse({"object": "list", "data": data, "model": body.model,
+                         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        # The openai client asks for base64 by default: little-endian float32, as OpenAI sends it.
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
