@@ -59,6 +59,8 @@ def make_router(mesh: MeshService) -> APIRouter:
         if len(challenge) < 16:
             raise HTTPException(400, detail="challenge too short")
         proof = mesh.identity.sign(b"hearth-hello" + challenge + mesh.node.encode())
+        if isinstance(data.get("api_port"), int) and data.get("node") != mesh.node:
+            mesh.learn(_peer_addr(request), data["api_port"])
         return signed(request, {"node": mesh.node, "name": mesh.name, "public_key": mesh.identity.public_bytes.hex(),
                                 "proof": proof.hex(), "version": 1, "api_port": mesh.api_port})
 

@@ -36,6 +36,8 @@ POLL_S = 1.0
 STATE_TIMEOUT_S = 1.0
 DROP_AFTER_S = 3.0
 """A peer with no good state answer for this long is dropped (plus at most one poll: under 5 s)."""
+LEARNED_GIVE_UP_S = 10.0
+"""A learned candidate (from a peer's hello or state) that never answers for this long is forgotten."""
 REFUSED_RETRY_S = 5.0
 """How often a candidate that failed its proof is asked again (it may join the household later)."""
 
@@ -105,6 +107,8 @@ class MeshService:
     async def start(self) -> None:
         """Announce this node, browse for peers and poll the manual ones."""
         self.client = MeshClient(self.identity, self.household.secret, self.name, self.api_port)
+        # Each peer is polled every second: httpx's per-request INFO lines would flood the journal.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         if self.router is not None:
             self.router.add_source(self)
         if self.config.mesh.discovery:
@@ -167,12 +171,28 @@ class MeshService:
         cand.task = asyncio.ensure_future(self._watch(cand))
         return cand
 
+    def learn(self, host: str, port: int) -> None:
+        """A node we did not know proved itself to us (its hello) or a peer knows it: try it as a candidate.
+
+        This is what makes one manual entry enough on a network without multicast: the node that has it
+        greets us, we greet it back, and peers pass it on in their state."""
+        if not (1 <= port <= 65535) or self.client is None:
+            return
+        url = base_url(host, port)
+        if url not in self.candidates and not any(p.url == url for p in self.peers.values()):
+            self._add_candidate(url, host, "learned")
+
     async def _watch(self, cand: _Candidate) -> None:
         """Prove a candidate, then poll its state; drop it when it stops answering."""
         assert self.client is not None
         failing_since: float | None = None
+        born = time.monotonic()
         while True:
             delay = POLL_S
+            if cand.source == "learned" and cand.peer is None and time.monotonic() - born > LEARNED_GIVE_UP_S:
+                if self.candidates.get(cand.url) is cand:
+                    del self.candidates[cand.url]
+                return
             try:
                 if cand.peer is None:
                     delay = await self._greet(cand)
@@ -189,7 +209,8 @@ class MeshService:
                 # Connection refused (the process died) or unreachable: drop at once.
                 if cand.peer is not None:
                     self._forget(cand, f"unreachable ({e})")
-                delay = POLL_S
+                    born = time.monotonic()
+                delay = 0.5
             except (httpx.HTTPError, ValueError) as e:
                 now = time.monotonic()
                 failing_since = failing_since or now
@@ -201,6 +222,10 @@ class MeshService:
             except Exception:  # one bad peer must never stop the mesh
                 log.exception("mesh: watching %s failed", cand.url)
                 delay = REFUSED_RETRY_S
+            if delay < 0:
+                if self.candidates.get(cand.url) is cand:
+                    del self.candidates[cand.url]
+                return
             await asyncio.sleep(delay)
 
     async def _greet(self, cand: _Candidate) -> float:
@@ -208,6 +233,8 @@ class MeshService:
         assert self.client is not None
         ans = await self.client.hello(cand.url)
         if ans.node == self.node:
+            if cand.source == "learned":
+                return -1.0  # ourselves, as a peer saw us: nothing to watch
             return 30.0  # ourselves, through a manual entry or another address
         if cand.claimed_node and cand.claimed_node != ans.node:
             raise PeerRefused(f"announced node {cand.claimed_node} but proved {ans.node}")
@@ -230,6 +257,11 @@ class MeshService:
         assert peer is not None and self.client is not None
         peer.state = state
         peer.last_seen = time.time()
+        for url in state.get("peers", ()):
+            if isinstance(url, str) and url.startswith("http://") and url not in self.candidates:
+                host, _, port = url[len("http://"):].rpartition(":")
+                if port.isdigit():
+                    self.learn(host.strip("[]"), int(port))
         models = set(peer.loaded_models())
         for model in models - set(cand.upstreams):
             up = PeerUpstream(peer, model, self.client)
@@ -288,7 +320,8 @@ class MeshService:
         files = [{"name": p.name, "size": p.stat().st_size} for p in self.model_files()]
         return {"node": self.node, "name": self.name, "version": hearth_version, "protocol": 1,
                 "api_port": self.api_port, "models": models, "files": files, "queued": queued,
-                "capacity": capacity, "uptime_s": round(time.time() - self.started_at, 1)}
+                "capacity": capacity, "uptime_s": round(time.time() - self.started_at, 1),
+                "peers": sorted(p.url for p in self.peers.values() if p.alive)}
 
     def peers_summary(self) -> list[dict[str, Any]]:
         """Every live peer, for `hearth peers`."""
