@@ -15,6 +15,8 @@ from ..errors import HearthError
 
 COMMANDS = [
     "config",
+    "agent",
+    "hardware",
     "setup",
     "household",
     "peers",

@@ -1,0 +1,443 @@
+"""The node daemon (``hearth agent``): model workers, the mesh and the API in one supervised process.
+
+The lifecycle follows uvicorn's ``Server.serve()``: startup (config, state directory, hardware, model
+choice, workers, mesh, API socket), a main loop that waits on an ``asyncio.Event`` set by SIGTERM or
+SIGINT, and a staged shutdown with a timeout (stop taking requests and let streams finish, leave the mesh,
+stop the workers), after which the previous signal handlers are restored. systemd hears READY=1 once the
+API listens (``/health`` says 503 until the model is loaded), STATUS= lines as things change, WATCHDOG=1
+pings, and STOPPING=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import HearthError
+from .serving.pool import Pool
+from .serving.router import Router
+from .serving.types import Router as RouterProtocol
+from .serving.types import Upstream
+
+log = logging.getLogger("hearth.agent")
+
+
+class StartupError(HearthError):
+    """The agent cannot start (port taken, state directory not writable...)."""
+
+
+# --- systemd ------------------------------------------------------------------------------------------
+
+
+class Notifier:
+    """sd_notify through systemd-python when installed, else straight to $NOTIFY_SOCKET, else nothing."""
+
+    def __init__(self) -> None:
+        self._notify: Any = None
+        try:
+            from systemd import daemon as sd_daemon  # type: ignore[import-not-found]
+
+            self._notify = sd_daemon.notify
+        except ImportError:
+            self._notify = None
+        self.socket_path = os.environ.get("NOTIFY_SOCKET", "")
+
+    @property
+    def enabled(self) -> bool:
+        """True when systemd listens (Type=notify)."""
+        return bool(self.socket_path)
+
+    def __call__(self, *fields: str) -> None:
+        """Send one notification, e.g. ``notify("READY=1", "STATUS=serving")``."""
+        if not self.socket_path:
+            return
+        message = "\n".join(fields)
+        if self._notify is not None:
+            with contextlib.suppress(Exception):
+                self._notify(message)
+            return
+        addr = self.socket_path
+        if addr.startswith("@"):
+            addr = "\0" + addr[1:]  # abstract socket namespace
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.sendto(message.encode(), addr)
+        except OSError as e:
+            log.debug("sd_notify failed: %s", e)
+
+    def watchdog_interval(self) -> float | None:
+        """Seconds between WATCHDOG=1 pings (half of WatchdogSec), or None when no watchdog is set."""
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        if not usec.isdigit() or (pid and pid != str(os.getpid())):
+            return None
+        return int(usec) / 2e6
+
+
+def setup_logging(level: str = "info") -> None:
+    """Plain lines on stderr; under journald (JOURNAL_STREAM) no timestamps and <N> priority prefixes."""
+
+    class _Journal(logging.Formatter):
+        _PRIO = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+        def format(self, record: logging.LogRecord) -> str:
+            prio = self._PRIO.get(record.levelno, 6)
+            return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
+
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_Journal("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # uvicorn's access log would print a line per token stream; our API logs what matters.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+# --- model choice ---------------------------------------------------------------------------------------
+
+
+def resolve_model(config: Config) -> tuple[str, Path, dict[str, Any]] | None:
+    """(name, file, load options) for the model this node serves, or None for ``model.name: none``."""
+    name = config.model.name.strip()
+    options: dict[str, Any] = {"context": config.model.context, "threads": config.model.threads,
+                               "gpu_layers": config.model.gpu_layers, "chat_format": config.model.chat_format}
+    if name == "none":
+        return None
+    if name in ("", "auto"):
+        chosen = _profile_choice(config)
+        if chosen is None:
+            files = _store_files(config)
+            if len(files) != 1:
+                raise StartupError("model.name is 'auto' but no profile chose a model"
+                                   + (f" and the store has {len(files)} models" if files else " and the store is empty"),
+                                   hint="set model.name in hearth.yaml, or 'hearth models import FILE'")
+            return files[0].stem, files[0], options
+        name, profile_options = chosen
+        options = {**profile_options, **{k: v for k, v in options.items() if v not in (0, -1, "")}}
+    path = find_model_file(config, name)
+    served = path.stem if ("/" in name or name.endswith(".gguf")) else name
+    return served, path, options
+
+
+def find_model_file(config: Config, name: str) -> Path:
+    """The GGUF file for *name*: a path, a file in the store, or a catalogue name the store resolves."""
+    try:
+        from .models.store import Store
+    except ImportError:  # the store is optional for a bare serving node
+        Store = None  # type: ignore[assignment,misc]
+    if Store is not None:
+        return Store.from_config(config).resolve(name)
+    as_path = Path(name).expanduser()
+    if as_path.is_file():
+        return as_path.resolve()
+    for candidate in (config.models_dir / name, config.models_dir / f"{name}.gguf"):
+        if candidate.is_file():
+            return candidate
+    raise StartupError(f"model '{name}' is not in the store ({config.models_dir})",
+                       hint=f"'hearth models pull {name}' or 'hearth models import FILE'")
+
+
+def _store_files(config: Config) -> list[Path]:
+    try:
+        return sorted(p for p in config.models_dir.glob("*.gguf") if p.is_file())
+    except OSError:
+        return []
+
+
+def _profile_choice(config: Config) -> tuple[str, dict[str, Any]] | None:
+    """The hardware engineer's profile selection, when it is installed: (model name, load options)."""
+    try:
+        from . import hardware, profiles_select  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return None
+    try:
+        report = hardware.probe(with_llama=False)
+        choose = getattr(profiles_select, "choose", None) or profiles_select.select
+        choice = choose(report, config)
+    except Exception as e:  # no profile is a warning, never a crash
+        log.warning("profile selection failed: %s", e)
+        return None
+    if choice is None:
+        return None
+    model = getattr(choice, "model", None) or getattr(choice, "name", None)
+    if not isinstance(model, str):
+        return None
+    opts = {k: getattr(choice, k) for k in ("context", "threads", "gpu_layers", "chat_format") if hasattr(choice, k)}
+    log.info("profile chose %s%s", model, f": {choice.reason}" if getattr(choice, "reason", None) else "")
+    return model, opts
+
+
+# --- the node -------------------------------------------------------------------------------------------
+
+
+class Node:
+    """The running node as the API sees it (``hearth.api.runtime.Runtime``): config, router, health."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state_dir = config.state.dir
+        self.routing = Router()
+        self.router: RouterProtocol = self.routing
+        self.extra_routers: list[Any] = []
+        self.run_dir = Path(os.environ.get("RUNTIME_DIRECTORY") or self.state_dir / "run")
+        self.pool = Pool(self.run_dir, queue_depth=config.api.queue_depth)
+        self.mesh: Any = None
+        self.warnings: list[str] = []
+        self.error: str | None = None
+        self.started = time.time()
+
+    def start_models(self) -> None:
+        """Resolve the model and start its worker (loading continues in the background)."""
+        try:
+            chosen = resolve_model(self.config)
+        except HearthError as e:
+            self.error = e.message + (f" ({e.hint})" if e.hint else "")
+            log.error("%s", self.error)
+            return
+        if chosen is None:
+            log.info("model.name is 'none': this node serves no model itself")
+            return
+        name, path, options = chosen
+        log.info("serving %s from %s", name, path)
+        upstream = self.pool.add(name, path, **options)
+        self.routing.add_upstream(upstream)
+
+    async def start_mesh(self) -> None:
+        """Join the household mesh when it is enabled and set up; otherwise say why not."""
+        if not self.config.mesh.enabled:
+            return
+        try:
+            from .mesh.service import MeshService
+        except ImportError:
+            return
+        try:
+            mesh = MeshService(self.config, router=self.routing, local_upstreams=self.local_upstreams)
+            self.extra_routers.append(mesh.api_router())
+            await mesh.start()
+        except HearthError as e:
+            self.warnings.append(f"mesh off: {e.message}")
+            log.warning("mesh off: %s%s", e.message, f" (hint: {e.hint})" if e.hint else "")
+            return
+        self.mesh = mesh
+
+    def local_upstreams(self) -> list[Upstream]:
+        """This node's workers as upstreams."""
+        return list(self.pool.upstreams.values())
+
+    def health(self) -> dict[str, Any]:
+        """loading while no model is ready, ready once one is, error when none can load."""
+        models: dict[str, Any] = {}
+        for name, up in self.pool.upstreams.items():
+            w = up.worker
+            load = up.load()
+            models[name] = {"state": w.state, "error": w.error, "restarts": w.restarts, "pid": w.pid,
+                            "queued": load.queued, "capacity": load.capacity,
+                            "tokens_per_second": round(load.tokens_per_second, 1),
+                            "offload": w.info.get("offload")}
+        states = [m["state"] for m in models.values()]
+        if self.error:
+            status = "error"
+        elif not states:
+            status = "ready"  # serves through peers only
+        elif "ready" in states:
+            status = "ready"
+        elif all(s == "failed" for s in states) and all(m["restarts"] >= 3 for m in models.values()):
+            status = "error"
+        else:
+            status = "loading"
+        warnings = list(self.warnings) + ([self.error] if self.error else [])
+        warnings += [f"model {n}: {m['error']}" for n, m in models.items() if m["error"] and m["state"] != "ready"]
+        return {"status": status, "models": models, "warnings": warnings,
+                "uptime_s": round(time.time() - self.started, 1),
+                "peers": len(self.mesh.peers) if self.mesh is not None else 0}
+
+    def metrics(self) -> dict[str, float]:
+        """Gauges and counters for /metrics, summed over this node's models."""
+        ups = list(self.pool.upstreams.values())
+        return {
+            "models_loaded": float(sum(u.worker.state == "ready" for u in ups)),
+            "queue_depth": float(sum(u.load().queued for u in ups)),
+            "queue_capacity": float(sum(u.capacity for u in ups)),
+            "worker_restarts_total": float(sum(u.worker.restarts for u in ups)),
+            "worker_errors_total": float(sum(u.errors for u in ups)),
+            "generated_tokens_total": float(sum(u.tokens_generated for u in ups)),
+            "tokens_per_second": float(sum(u.tokens_per_second for u in ups)),
+            "router_failovers_total": float(self.routing.failovers),
+            "peers": float(len(self.mesh.peers) if self.mesh is not None else 0),
+        }
+
+    async def stop(self, timeout: float) -> None:
+        """Leave the mesh, then stop the workers."""
+        if self.mesh is not None:
+            try:
+                await asyncio.wait_for(self.mesh.stop(), timeout)
+            except Exception as e:
+                log.warning("mesh stop: %s", e)
+        await self.pool.stop(timeout)
+
+
+# --- the lifecycle --------------------------------------------------------------------------------------
+
+
+class Agent:
+    """Startup, main loop and staged shutdown of a node, uvicorn-style."""
+
+    def __init__(self, config: Config, shutdown_timeout: float = 10.0) -> None:
+        self.config = config
+        self.shutdown_timeout = shutdown_timeout
+        self.node = Node(config)
+        self.notify = Notifier()
+        self.should_exit = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: Any = None
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)  # a strong reference: the loop keeps only weak ones
+        task.add_done_callback(self._tasks.discard)
+
+    async def serve(self) -> int:
+        """Run until SIGTERM/SIGINT; 0 on a clean stop."""
+        restore = self._install_signal_handlers()
+        try:
+            await self.startup()
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+            restore()
+        return 0
+
+    async def startup(self) -> None:
+        """State directory, workers, mesh, then the API socket; READY=1 once it listens."""
+        import uvicorn
+
+        from .api.app import create_app
+
+        self.notify("STATUS=starting")
+        try:
+            self.config.state.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StartupError(f"cannot create the state directory {self.config.state.dir}: {e}",
+                               hint="run as root or set state.dir in hearth.yaml") from None
+        self.node.start_models()
+        await self.node.start_mesh()
+        app = create_app(self.node)
+        sock = self._bind()
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="auto",
+                                timeout_graceful_shutdown=max(1, int(self.shutdown_timeout)), ws="none")
+        server = uvicorn.Server(config)
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # signals are ours
+        self._server = server
+        serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="api")
+        self._tasks.add(serving)
+        while not server.started:
+            if serving.done():
+                raise StartupError("the API server failed to start", hint="see the log above")
+            await asyncio.sleep(0.01)
+        host, port = self.config.api.host, self.config.api.port
+        log.info("API listening on http://%s:%d", host, port)
+        self.notify("READY=1", f"STATUS=API on :{port}, loading model")
+        self._spawn(self._report_readiness(), "readiness")
+        interval = self.notify.watchdog_interval()
+        if interval:
+            self._spawn(self._watchdog(interval), "watchdog")
+
+    def _bind(self) -> socket.socket:
+        host, port = self.config.api.host, self.config.api.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            raise StartupError(f"cannot listen on {host}:{port}: {e.strerror}",
+                               hint="another program uses the port; set api.port in hearth.yaml") from None
+        sock.listen(2048)
+        sock.set_inheritable(True)
+        return sock
+
+    async def main_loop(self) -> None:
+        """Wait for a stop signal (or the API server ending on its own)."""
+        stop = asyncio.get_running_loop().create_task(self.should_exit.wait())
+        api = next(t for t in self._tasks if t.get_name() == "api")
+        await asyncio.wait({stop, api}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+
+    async def shutdown(self) -> None:
+        """Staged: stop accepting and drain the API, leave the mesh, stop workers; bounded by the timeout."""
+        self.notify("STOPPING=1", "STATUS=stopping")
+        log.info("shutting down")
+        if self._server is not None:
+            self._server.should_exit = True
+            api = [t for t in self._tasks if t.get_name() == "api"]
+            if api:
+                try:
+                    await asyncio.wait_for(asyncio.gather(*api, return_exceptions=True), self.shutdown_timeout + 2)
+                except TimeoutError:
+                    log.warning("API did not stop in time")
+        await self.node.stop(timeout=min(5.0, self.shutdown_timeout))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        log.info("stopped")
+
+    def _install_signal_handlers(self) -> Any:
+        loop = asyncio.get_running_loop()
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        hits = {"n": 0}
+
+        def on_signal(sig: int) -> None:
+            hits["n"] += 1
+            log.info("received %s", signal.Signals(sig).name)
+            self.should_exit.set()
+            if hits["n"] > 1 and self._server is not None:
+                self._server.force_exit = True  # a second signal: stop waiting for streams
+
+        for sig in previous:
+            loop.add_signal_handler(sig, on_signal, sig)
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler)
+
+        return restore
+
+    async def _report_readiness(self) -> None:
+        last = None
+        while True:
+            h = self.node.health()
+            summary = (h["status"], tuple(sorted((n, m["state"]) for n, m in h["models"].items())))
+            if summary != last:
+                last = summary
+                states = ", ".join(f"{n} {m['state']}" for n, m in h["models"].items()) or "no local model"
+                self.notify(f"STATUS={h['status']}: {states}")
+                if h["status"] == "ready":
+                    log.info("ready: %s", states)
+            await asyncio.sleep(0.5)
+
+    async def _watchdog(self, interval: float) -> None:
+        # The ping comes from the event loop: a blocked loop (the thing the watchdog exists to catch)
+        # stops it.
+        while True:
+            self.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+
+def run(config: Config, shutdown_timeout: float = 10.0) -> int:
+    """Run the agent in this process until it is told to stop; returns the exit code."""
+    setup_logging(config.log.level)
+    return asyncio.run(Agent(config, shutdown_timeout).serve())
