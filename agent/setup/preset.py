@@ -142,11 +142,17 @@ def scrub(path: Path) -> list[str]:
         for knode, vnode in root.value:
             if not isinstance(vnode, yaml.MappingNode) or vnode.flow_style:
                 continue
-            for k2, v2 in vnode.value:
-                key = f"{knode.value}.{k2.value}"
-                if key in SECRET_KEYS and not (isinstance(v2, yaml.ScalarNode) and v2.value == ""):
-                    last = v2.end_mark.line if v2.end_mark.column > 0 else v2.end_mark.line - 1
-                    spans.append((k2.start_mark.line, max(last, k2.start_mark.line), key, k2.start_mark.column))
+            secret = [(k2, v2) for k2, v2 in vnode.value if f"{knode.value}.{k2.value}" in SECRET_KEYS
+                      and not (isinstance(v2, yaml.ScalarNode) and v2.value == "")]
+            for k2, v2 in secret:
+                last = v2.end_mark.line if v2.end_mark.column > 0 else v2.end_mark.line - 1
+                spans.append((k2.start_mark.line, max(last, k2.start_mark.line), f"{knode.value}.{k2.value}",
+                              k2.start_mark.column))
+            if secret and len(secret) == len(vnode.value):
+                # The section would be left empty (null), which the config refuses: make it an empty mapping.
+                line = knode.end_mark.line
+                col = lines[line].index(":", knode.end_mark.column)
+                lines[line] = lines[line][:col + 1] + " {}" + lines[line][col + 1:]
     for first, last, key, col in sorted(spans, reverse=True):
         name = key.partition(".")[2]
         lines[first:last + 1] = [" " * col + f"# {name}: applied on {stamp} and removed from this file"]
