@@ -159,13 +159,13 @@ def parse(text: str, source: str = "models.yaml") -> Catalogue:
     entries = [_entry(raw, i, source) for i, raw in enumerate(data["models"])]
     seen_names: set[str] = set()
     seen_files: set[str] = set()
-    for e in entries:
-        if e.name in seen_names:
-            raise CatalogueError(f"{source}: model '{e.name}' appears twice")
-        if e.file in seen_files:
-            raise CatalogueError(f"{source}: model '{e.name}': file {e.file} is already another entry's file")
-        seen_names.add(e.name)
-        seen_files.add(e.file)
+    for item in entries:
+        if item.name in seen_names:
+            raise CatalogueError(f"{source}: model '{item.name}' appears twice")
+        if item.file in seen_files:
+            raise CatalogueError(f"{source}: model '{item.name}': file {item.file} is already another entry's file")
+        seen_names.add(item.name)
+        seen_files.add(item.file)
     return Catalogue(tuple(entries), source)
 
 
