@@ -1,0 +1,91 @@
+"""``hearth hardware``: what this node has (CPU, memory, GPUs, NPUs), what llama.cpp can use, and the pick."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .common import add_json_flag, load_config, print_json, print_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``hardware`` subcommand."""
+    p = sub.add_parser("hardware", help="show the CPU, memory, GPUs and NPUs found and the model that fits")
+    p.add_argument("--root", metavar="DIR", default="/",
+                   help="probe a saved or fake machine tree instead of this machine (tests, support)")
+    p.add_argument("--no-llama", action="store_true", help="do not ask llama.cpp for its devices")
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Probe and print."""
+    from ..errors import HearthError
+    from ..hardware import probe
+    from ..select import select
+
+    report = probe(args.root, with_llama=not args.no_llama)
+    choice: Any = None
+    problem = None
+    try:
+        choice = select(report, config=load_config(args))
+    except HearthError as e:
+        problem = e.message + (f" ({e.hint})" if e.hint else "")
+    except ImportError as e:  # the model catalogue is not installed: the report still stands
+        problem = f"cannot pick a model: {e}"
+    if args.json:
+        data = report.to_dict()
+        data["choice"] = choice.to_dict() if choice else None
+        if problem:
+            data["choice_problem"] = problem
+        print_json(data)
+        return 0
+    print_report(report)
+    print()
+    if choice:
+        print(f"Model: {choice.reason}")
+        print(f"       class {choice.hardware_class}, {choice.device}, context {choice.context}, "
+              f"gpu_layers {choice.gpu_layers}, threads {choice.threads}")
+    elif problem:
+        print(f"Model: {problem}")
+    return 0
+
+
+def print_report(report: Any) -> None:
+    """The report as tables: devices, then what each backend concluded."""
+    from ..hardware import gib
+
+    cpu = report.cpu
+    rows: list[tuple[str, ...]] = [
+        ("cpu", cpu.model, f"{cpu.cores} cores, {cpu.threads} threads", " ".join(cpu.flags) or "-"),
+        ("memory", "RAM", f"{gib(report.memory)} total", f"{gib(report.memory_available)} available"),
+    ]
+    for g in report.gpus:
+        kind = "integrated" if g.integrated else "discrete"
+        memory = "shared memory" if g.integrated and not g.vram_total else (
+            f"{gib(g.vram_free)} free of {gib(g.vram_total)}" if g.vram_total else "memory unknown")
+        if g.integrated and g.vram_total:
+            memory = f"{gib(g.vram_total)} carve-out, shares RAM"
+        details = [f"{g.pci_address} {g.pci_id}".strip(), f"driver {g.driver or 'none'}"]
+        details += [x for x in (g.driver_version and f"v{g.driver_version}",
+                                g.compute_capability and f"cc {g.compute_capability}",
+                                g.gfx_target) if x]
+        if g.note:
+            details.append(f"! {g.note}")
+        rows.append((f"gpu ({kind})", g.name, memory, ", ".join(details)))
+    for n in report.npus:
+        details = [f"{n.pci_address} {n.pci_id}".strip(), f"driver {n.driver or 'none'}"]
+        details += [x for x in (n.state, n.firmware and f"firmware {n.firmware}") if x]
+        if n.note:
+            details.append(f"! {n.note}")
+        rows.append(("npu", n.name, "ready" if n.usable else "not usable", ", ".join(details)))
+    llama = report.llama_cpp
+    if llama.available:
+        devs = ", ".join(f"{d['name']} ({d['type']})" for d in llama.devices) or "none"
+        rows.append(("llama.cpp", "GPU offload" if llama.gpu_offload else "CPU only", devs, llama.reason or ""))
+    else:
+        rows.append(("llama.cpp", "unavailable", "-", llama.reason or ""))
+    print_table(("kind", "device", "memory / cores", "details"), rows)
+    print()
+    print_table(("backend", "available", "devices", "reason"),
+                [(b.backend, "yes" if b.available else "no", str(b.devices), b.reason or "") for b in report.backends])
