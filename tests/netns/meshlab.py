@@ -1,0 +1,238 @@
+"""Network namespaces on a Linux bridge, and real Hearth agents running in them (tests and bench/mesh.py).
+
+Every test run gets its own bridge (hb<random>) in the root namespace, a random 10.213.N.0/24 subnet and
+namespaces hn<random><i>, each with a veth on the bridge and a multicast route (224.0.0.0/4), so mDNS
+really crosses the bridge. Everything is removed at the end, even when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+MESHNODE = Path(__file__).with_name("meshnode.py")
+PORT = 8080
+
+
+def need_netns() -> None:
+    """Skip (with the reason) where namespaces cannot be made."""
+    if os.geteuid() != 0:
+        pytest.skip("namespace tests need root (ip netns)")
+    if not shutil.which("ip"):
+        pytest.skip("namespace tests need iproute2's 'ip'")
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``ip ARGS``."""
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
+
+
+@dataclass
+class Namespace:
+    """One namespace on the LAN."""
+
+    name: str
+    address: str
+    multicast: bool
+
+
+class Lan:
+    """A bridge with namespaces on it; close() removes all of it."""
+
+    def __init__(self) -> None:
+        self.tag = secrets.token_hex(3)
+        self.bridge = f"hb{self.tag}"
+        self.net = f"10.213.{secrets.randbelow(250) + 1}"
+        self.namespaces: list[Namespace] = []
+        ip("link", "add", self.bridge, "type", "bridge", "mcast_snooping", "0")
+        ip("addr", "add", f"{self.net}.254/24", "dev", self.bridge)
+        ip("link", "set", self.bridge, "up")
+
+    def add(self, multicast: bool = True) -> Namespace:
+        """A new namespace with an address on the bridge; without multicast it has no route and no flag."""
+        i = len(self.namespaces) + 1
+        ns = Namespace(f"hn{self.tag}{i}", f"{self.net}.{i}", multicast)
+        self.namespaces.append(ns)
+        host_end, ns_end = f"hv{self.tag}{i}", f"hp{self.tag}{i}"
+        ip("netns", "add", ns.name)
+        ip("link", "add", host_end, "type", "veth", "peer", "name", ns_end)
+        ip("link", "set", ns_end, "netns", ns.name)
+        ip("link", "set", host_end, "master", self.bridge, "up")
+        ip("-n", ns.name, "link", "set", "lo", "up")
+        ip("-n", ns.name, "link", "set", ns_end, "name", "eth0")
+        ip("-n", ns.name, "addr", "add", f"{ns.address}/24", "dev", "eth0")
+        ip("-n", ns.name, "link", "set", "eth0", "multicast", "on" if multicast else "off", "up")
+        if multicast:
+            ip("-n", ns.name, "route", "add", "224.0.0.0/4", "dev", "eth0")
+        return ns
+
+    def close(self) -> None:
+        """Remove every namespace (their veths go with them) and the bridge."""
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True)
+            ip("netns", "del", ns.name, check=False)
+        ip("link", "del", self.bridge, check=False)
+
+
+@dataclass
+class Agent:
+    """A Hearth node running in a namespace."""
+
+    ns: Namespace
+    name: str
+    state: Path
+    secret: bytes
+    model: str = "none"
+    peers: tuple[str, ...] = ()
+    discovery: bool = True
+    threads: int = 1
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.state / "agent.log"
+
+    @property
+    def url(self) -> str:
+        """The node's API base URL on the LAN."""
+        return f"http://{self.ns.address}:{PORT}"
+
+    @property
+    def config_path(self) -> Path:
+        """Its hearth.yaml."""
+        return self.state / "hearth.yaml"
+
+    def write_config(self) -> None:
+        """Config and household for this node."""
+        from hearth import config as config_mod
+        from hearth.mesh import household
+
+        self.state.mkdir(parents=True, exist_ok=True)
+        cfg = config_mod.from_dict({
+            "node": {"name": self.name}, "api": {"host": "0.0.0.0", "port": PORT},
+            "state": {"dir": str(self.state)},
+            "model": {"name": self.model, "threads": self.threads, "context": 1024, "chat_format": "gemma"},
+            "mesh": {"discovery": self.discovery, "peers": list(self.peers)}, "log": {"level": "info"}})
+        config_mod.save(cfg, self.config_path)
+        household.join(self.state, household.code_for(self.secret), force=True)
+
+    def command(self) -> list[str]:
+        """How the node is started: the real agent when the daemon exists, else the test node."""
+        return [PYTHON, str(MESHNODE), "--config", str(self.config_path)]
+
+    def start(self) -> None:
+        """Start the node in its namespace (output to agent.log)."""
+        self.write_config()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns.name, *self.command()], stdout=out,
+                                         stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no clean shutdown (a pulled plug)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM and wait; SIGKILL if it hangs."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def key(self) -> bytes:
+        """Its household signing key."""
+        from hearth.mesh.auth import derive_key
+
+        return derive_key(self.secret)
+
+    def signed(self, method: str, path: str, body: bytes = b"", key: bytes | None = None, node: str = "tester",
+               headers: dict[str, str] | None = None, timeout: float = 5.0) -> Any:
+        """A signed request to this node (as a member of *key*'s household)."""
+        import httpx
+
+        from hearth.mesh.client import signed_headers
+
+        url = self.url + path
+        h = headers if headers is not None else signed_headers(key or self.key(), node, method, url, body)
+        return httpx.request(method, url, content=body, headers=h, timeout=timeout, trust_env=False)
+
+    def view(self) -> dict[str, Any]:
+        """Its /mesh/v1/peers answer."""
+        resp = self.signed("GET", "/mesh/v1/peers")
+        resp.raise_for_status()
+        return resp.json()
+
+    def peer_names(self) -> set[str]:
+        """Names of the peers it routes to now."""
+        try:
+            return {p["name"] for p in self.view()["peers"]}
+        except Exception:
+            return set()
+
+    def wait_up(self, timeout: float = 120.0) -> None:
+        """Until its mesh API answers a signed request."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc and self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            with contextlib.suppress(Exception):
+                if self.signed("GET", "/mesh/v1/state", timeout=1.0).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name} did not come up:\n{self.log_text()[-3000:]}")
+
+    def log_text(self) -> str:
+        """Everything it logged."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def wait_for(cond: Any, timeout: float, interval: float = 0.05) -> float:
+    """Seconds until cond() is true; AssertionError after *timeout*."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if cond():
+            return time.monotonic() - start
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def run_in(ns: Namespace, *argv: str, timeout: float = 120.0, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run a command in a namespace."""
+    return subprocess.run(["ip", "netns", "exec", ns.name, *argv], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, **kw)
+
+
+def openai_stream(ns: Namespace, base_url: str, model: str, prompt: str, max_tokens: int = 24) -> dict[str, Any]:
+    """Stream a chat completion with the official openai client from inside *ns* (loopback needs no key)."""
+    code = f"""
+import json, openai, time
+c = openai.OpenAI(base_url={base_url + '/v1'!r}, api_key="none", max_retries=0, timeout=120)
+t0 = time.monotonic(); chunks = []; first = None
+for ch in c.chat.completions.create(model={model!r}, messages=[{{"role": "user", "content": {prompt!r}}}],
+                                     max_tokens={max_tokens}, temperature=0, stream=True):
+    if ch.choices and ch.choices[0].delta.content:
+        first = first or time.monotonic() - t0
+        chunks.append(ch.choices[0].delta.content)
+print(json.dumps({{"chunks": chunks, "ttft": first, "total": time.monotonic() - t0}}))
+"""
+    res = run_in(ns, PYTHON, "-c", code)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])

@@ -1,0 +1,142 @@
+"""Discovery and trust between real agents in network namespaces (no model needed).
+
+A, B and C find each other over real mDNS; D sits where multicast is off and knows only A; E has another
+household's secret; a rogue process announces itself over mDNS claiming C's identity without proof.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+import time
+
+import pytest
+
+from meshlab import PYTHON, Agent, run_in, wait_for
+
+SECRET = bytes(range(32))
+
+
+@pytest.fixture(scope="module")
+def mesh(lan, tmp_path_factory):
+    """Nodes A, B, C (mDNS), D (manual peer, no multicast) and E (wrong secret)."""
+    base = tmp_path_factory.mktemp("mesh")
+    ns = [lan.add() for _ in range(3)]
+    ns_d = lan.add(multicast=False)
+    ns_e = lan.add()
+    nodes = {n: Agent(ns[i], f"hearth-{n.lower()}", base / n, SECRET) for i, n in enumerate("ABC")}
+    nodes["D"] = Agent(ns_d, "hearth-d", base / "D", SECRET, peers=(ns[0].address,), discovery=False)
+    nodes["E"] = Agent(ns_e, "hearth-e", base / "E", bytes(32))
+    started = time.monotonic()
+    try:
+        for a in nodes.values():
+            a.start()
+        for a in nodes.values():
+            a.wait_up(60)
+        nodes["_started"] = started  # type: ignore[assignment]
+        yield nodes
+    finally:
+        for a in nodes.values():
+            if isinstance(a, Agent):
+                a.stop()
+
+
+def test_all_nodes_discover_each_other_and_the_manual_peer_joins(mesh):
+    names = {"hearth-a", "hearth-b", "hearth-c", "hearth-d"}
+    for n in "ABCD":
+        others = names - {mesh[n].name}
+        wait_for(lambda n=n, others=others: mesh[n].peer_names() == others, timeout=10)
+    view = mesh["A"].view()
+    by_name = {p["name"]: p for p in view["peers"]}
+    assert by_name["hearth-b"]["source"] == "mdns"
+    assert by_name["hearth-b"]["host"] == mesh["B"].ns.address
+    assert by_name["hearth-d"]["host"] == mesh["D"].ns.address
+
+
+def test_hearth_peers_lists_them_from_the_node_itself(mesh):
+    a = mesh["A"]
+    res = run_in(a.ns, PYTHON, "-m", "hearth", "--config", str(a.config_path), "peers")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split()[:5] == ["name", "ip", "models", "load", "last"]
+    assert any(line.startswith("hearth-b ") and mesh["B"].ns.address in line for line in lines)
+    res = run_in(a.ns, PYTHON, "-m", "hearth", "--config", str(a.config_path), "peers", "--json")
+    assert {p["name"] for p in json.loads(res.stdout)["peers"]} == {"hearth-b", "hearth-c", "hearth-d"}
+
+
+def test_wrong_household_is_refused_both_ways_and_never_routed_to(mesh):
+    for n in "ABCD":
+        assert "hearth-e" not in mesh[n].peer_names()
+    assert mesh["E"].peer_names() == set()
+    # E found A over mDNS and said hello with its own (wrong) key: A refused it and logged who it was.
+    wait_for(lambda: re.search(rf"WARNING .*refused POST /mesh/v1/hello from {mesh['E'].ns.address}",
+                               mesh["A"].log_text()), timeout=10)
+
+
+def test_unsigned_forged_and_replayed_requests_are_refused_and_logged(mesh):
+    a = mesh["A"]
+    assert a.signed("GET", "/mesh/v1/state", headers={}).status_code == 401
+    forged = a.signed("GET", "/mesh/v1/state", key=bytes(32))
+    assert forged.status_code == 403
+    from hearth.mesh.client import signed_headers
+
+    headers = signed_headers(a.key(), "tester", "GET", a.url + "/mesh/v1/state")
+    assert a.signed("GET", "/mesh/v1/state", headers=headers).status_code == 200
+    replay = a.signed("GET", "/mesh/v1/state", headers=headers)
+    assert replay.status_code == 403 and "replayed" in replay.text
+    # A signature for one path does not open another.
+    body = json.dumps({"model": "x", "kind": "completion", "prompt": "hi"}).encode()
+    moved = signed_headers(a.key(), "tester", "POST", a.url + "/mesh/v1/embed", body)
+    assert a.signed("POST", "/mesh/v1/generate", body, headers=moved).status_code == 403
+    log = a.log_text()
+    for why in ("unsigned request", "bad signature", "replayed request"):
+        assert re.search(rf"WARNING .*refused .* from {a.ns.address[:-1]}\d+: {why}", log), why
+
+
+def test_rogue_mdns_announcement_is_never_routed_to(mesh, lan):
+    """A process announces _hearth._tcp with C's node id and key fingerprint and answers every HTTP request
+    with 200: it has no secret and no key, so no node ever routes to it."""
+    c = mesh["C"].view()
+    rogue_ns = lan.add()
+    script = textwrap.dedent(f"""
+        import asyncio, socket
+        from zeroconf import IPVersion
+        from zeroconf.asyncio import AsyncZeroconf, AsyncServiceInfo
+        from hearth.mesh import SERVICE_TYPE
+        from hearth.mesh.discovery import txt_record
+        async def answer(reader, writer):
+            await reader.read(65536)
+            writer.write(b'HTTP/1.1 200 OK\\r\\ncontent-type: application/json\\r\\ncontent-length: 2\\r\\n\\r\\n{{}}')
+            await writer.drain(); writer.close()
+        async def main():
+            server = await asyncio.start_server(answer, "0.0.0.0", 8080)
+            zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
+            info = AsyncServiceInfo(SERVICE_TYPE, "hearth-rogue." + SERVICE_TYPE, port=8080,
+                properties=txt_record({c['node']!r}, 8080, "00" * 16), server="hearth-rogue.local.",
+                addresses=[socket.inet_aton({rogue_ns.address!r})])
+            await zc.async_register_service(info)
+            print("announced", flush=True)
+            await asyncio.sleep(8)
+            await zc.async_close()
+        asyncio.run(main())
+    """)
+    res = run_in(rogue_ns, PYTHON, "-c", script, timeout=60)
+    assert "announced" in res.stdout, res.stderr
+    for n in "ABD":
+        view = mesh[n].view()
+        assert all(p["host"] != rogue_ns.address for p in view["peers"])
+        assert "hearth-rogue" not in {p["name"] for p in view["peers"]}
+    assert re.search(rf"WARNING .*candidate http://{rogue_ns.address}:8080 refused", mesh["A"].log_text())
+
+
+def test_a_killed_node_is_dropped_within_5_s_and_a_restarted_one_is_back_within_2_s(mesh):
+    b = mesh["B"]
+    b.kill()
+    dropped = wait_for(lambda: all("hearth-b" not in mesh[n].peer_names() for n in "ACD"), timeout=6)
+    assert dropped <= 5.0
+    b.start()
+    b.wait_up(60)
+    up_at = time.monotonic()
+    wait_for(lambda: all("hearth-b" in mesh[n].peer_names() for n in "AC"), timeout=10)
+    assert time.monotonic() - up_at <= 2.0
