@@ -12,7 +12,6 @@ import textwrap
 import time
 
 import pytest
-
 from meshlab import PYTHON, Agent, run_in, wait_for
 
 SECRET = bytes(range(32))
