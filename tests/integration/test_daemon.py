@@ -1,0 +1,114 @@
+"""``hearth agent`` as a process: /health 503 -> 200, serving over HTTP, worker crash mid-stream, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("hearth.api.app", reason="the API (hearth.api.app) is not there yet")
+
+AgentFactory = Any
+RunningAgent = Any  # the fixtures' types live in conftest.py
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_health_is_503_while_loading_then_200_and_sigterm_exits_0(agent_factory: AgentFactory, gemma_path: Path,
+                                                                   llama_runtime: Any) -> None:
+    agent = agent_factory(gemma_path, wait=False)
+    codes: list[int] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert agent.process.poll() is None, agent.log()
+        try:
+            r = agent.health()
+        except httpx.HTTPError:
+            time.sleep(0.02)
+            continue
+        codes.append(r.status_code)
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        time.sleep(0.02)
+    assert codes and codes[-1] == 200, agent.log()
+    assert 503 in codes, "the API came up only after the model had loaded"
+    body = agent.health().json()
+    model = body["models"][gemma_path.stem]
+    assert model["state"] == "ready" and model["offload"]["layers_total"] > 0
+    worker_pid = model["pid"]
+    assert agent.stop() == 0
+    assert "stopped" in agent.log()
+    assert not _pid_alive(worker_pid)
+
+
+def test_worker_crash_mid_stream_then_next_request_succeeds(running_agent: RunningAgent) -> None:
+    url = running_agent.url
+    pid = running_agent.health().json()["models"][running_agent.model]["pid"]
+    body = {"model": running_agent.model, "prompt": "Once upon a time", "max_tokens": 300, "stream": True,
+            "temperature": 0}
+    pieces = 0
+    lines: list[str] = []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            lines.append(line)
+            if line.startswith("data: {") and '"text"' in line:
+                pieces += 1
+                if pieces == 5:
+                    os.kill(pid, signal.SIGKILL)
+    # The stream ended (no hang) with fewer than the 300 tokens asked for.
+    assert 5 <= pieces < 300
+    start = time.monotonic()
+    r2 = httpx.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 5}, timeout=60)
+    assert r2.status_code == 200, r2.text
+    assert r2.json()["usage"]["completion_tokens"] == 5
+    print(f"next request answered {time.monotonic() - start:.2f}s after the crash")
+    health = running_agent.health().json()["models"][running_agent.model]
+    assert health["restarts"] == 1 and health["pid"] != pid
+    assert running_agent.process.poll() is None
+
+
+def test_openai_client_streams_from_the_agent(running_agent: RunningAgent) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=running_agent.url + "/v1", api_key="unused-on-loopback")
+    stream = client.completions.create(model=running_agent.model, prompt="The capital of France is",
+                                       max_tokens=8, temperature=0, stream=True)
+    text = "".join(c.choices[0].text for c in stream if c.choices)
+    assert "Paris" in text
+
+
+def test_unservable_model_reports_error_and_keeps_running(agent_factory: AgentFactory, tmp_path: Path,
+                                                          llama_runtime: Any) -> None:
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    agent = agent_factory(bad, wait=False)
+    deadline = time.monotonic() + 60
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            r = agent.health()
+        except httpx.HTTPError:
+            time.sleep(0.05)
+            continue
+        assert r.status_code == 503
+        body = r.json()
+        if body.get("warnings"):
+            break
+        time.sleep(0.05)
+    assert body.get("warnings"), agent.log()
+    assert "broken" in json.dumps(body)
+    assert agent.process.poll() is None
+    assert agent.stop() == 0
