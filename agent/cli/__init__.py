@@ -20,6 +20,9 @@ COMMANDS = [
     "setup",
     "household",
     "peers",
+    "status",
+    "chat",
+    "apikey",
 ]
 """Subcommand modules in help order; a new subcommand adds its module name here."""
 

@@ -1,0 +1,75 @@
+"""``hearth status``: is the node's agent up, which model it serves, how to reach it."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from typing import Any
+
+from .common import add_json_flag, load_config, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``status`` subcommand."""
+    p = sub.add_parser("status", help="health, model and URL of the node's agent")
+    p.add_argument("--url", help="a node's API URL (default: this machine's agent)")
+    p.add_argument("--key", help="API key for a node that is not this machine (default: $HEARTH_API_KEY)")
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def lan_address() -> str | None:
+    """This machine's address on its default route (no packet is sent: a UDP connect only picks a route)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 9))
+            addr: str = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if addr.startswith("127.") else addr
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the agent's health; exit 0 when ready, 3 while loading or broken."""
+    from ..api.client import AgentClient, local_key, local_url
+
+    cfg = load_config(args)
+    url = args.url or local_url(cfg)
+    client = AgentClient(url, key=args.key or (None if args.url else local_key(cfg)))
+    _, health = client.get("/health", ok=(200, 503))
+    _, models = client.get("/v1/models")
+    ip = lan_address() if not args.url else None
+    api_url = f"http://{ip}:{cfg.api.port}/v1" if ip else url + "/v1"
+    ready = health.get("status") == "ready"
+    if args.json:
+        print_json({"url": api_url, "health": health, "models": [m["id"] for m in models.get("data", [])]})
+        return 0 if ready else 3
+    _print(health, models, api_url)
+    return 0 if ready else 3
+
+
+def _print(health: dict[str, Any], models: dict[str, Any], api_url: str) -> None:
+    rows: list[tuple[str, str]] = [("status", str(health.get("status", "unknown"))), ("API", api_url)]
+    local = health.get("models") or {}
+    for name, info in local.items():
+        line = str(info.get("state", "")) if isinstance(info, dict) else ""
+        if isinstance(info, dict):
+            if info.get("tokens_per_second"):
+                line += f", {info['tokens_per_second']} tok/s"
+            if info.get("queued") is not None and info.get("capacity"):
+                line += f", {info['queued']}/{info['capacity']} busy"
+            if info.get("offload"):
+                line += f", offload: {info['offload']}"
+            if info.get("restarts"):
+                line += f", {info['restarts']} restarts"
+        rows.append(("model", f"{name} ({line.strip(', ')})" if line else name))
+    served = [m["id"] for m in models.get("data", []) if m["id"] not in local]
+    if served:
+        rows.append(("household", ", ".join(served)))
+    if health.get("peers"):
+        rows.append(("peers", str(health["peers"])))
+    for warning in health.get("warnings") or ():
+        rows.append(("warning", str(warning)))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
