@@ -20,6 +20,7 @@ COMMANDS = [
     "setup",
     "household",
     "peers",
+    "models",
     "status",
     "chat",
     "apikey",
