@@ -24,7 +24,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
-MESHNODE = Path(__file__).with_name("meshnode.py")
 PORT = 8080
 
 
@@ -131,8 +130,8 @@ class Agent:
         household.join(self.state, household.code_for(self.secret), force=True)
 
     def command(self) -> list[str]:
-        """How the node is started: the real agent when the daemon exists, else the test node."""
-        return [PYTHON, str(MESHNODE), "--config", str(self.config_path)]
+        """How the node is started: the real agent, as systemd starts it."""
+        return [PYTHON, "-m", "hearth", "--config", str(self.config_path), "agent"]
 
     def start(self) -> None:
         """Start the node in its namespace (output to agent.log)."""
