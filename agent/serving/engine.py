@@ -39,7 +39,7 @@ class LoadOptions:
     """How to load a model: the settings that config and profile decide."""
 
     context: int = 0
-    """Context length in tokens; 0 means the model's own (capped at 8192 to bound memory)."""
+    """Context length in tokens; 0 means the model's own, capped at DEFAULT_CONTEXT_CAP."""
     threads: int = 0
     """Generation threads; 0 lets llama.cpp choose."""
     gpu_layers: int = -1
@@ -94,10 +94,19 @@ class Engine:
         opts = options or LoadOptions()
         llama_cpp = llamacpp.load()
         capture = _LogCapture(llama_cpp)
-        embedding = _is_embedding_model(path)
+        meta = _metadata(path)
+        arch = str(meta.get("general.architecture", ""))
+        embedding = f"{arch}.pooling_type" in meta
+        trained = meta.get(f"{arch}.context_length")
+        # A model's training context (often 32k-128k) would reserve gigabytes of KV cache: cap the default.
+        n_ctx = opts.context or (min(int(trained), DEFAULT_CONTEXT_CAP) if isinstance(trained, int) else 0)
+        chat_format = opts.chat_format
+        if not chat_format and "tokenizer.chat_template" not in meta:
+            # Without a template llama-cpp-python falls back to llama-2's format, wrong for most models.
+            chat_format = _FORMAT_BY_ARCH.get(arch, "")
         kwargs: dict[str, Any] = dict(
-            model_path=str(path), n_ctx=opts.context or 0, n_gpu_layers=opts.gpu_layers, n_batch=opts.batch,
-            embedding=embedding, verbose=False, chat_format=opts.chat_format or None, **opts.extra)
+            model_path=str(path), n_ctx=n_ctx, n_gpu_layers=opts.gpu_layers, n_batch=opts.batch,
+            embedding=embedding, verbose=False, chat_format=chat_format or None, **opts.extra)
         if opts.threads:
             kwargs["n_threads"] = opts.threads
             kwargs["n_threads_batch"] = opts.threads
@@ -106,11 +115,6 @@ class Engine:
         except (ValueError, RuntimeError, OSError) as e:
             raise UpstreamError(f"cannot load model {path}: {e}", status=503,
                                 hint="check that the file is a complete GGUF model") from None
-        if not opts.context and llama.n_ctx() > 8192:
-            # A model's training context (often 32k-128k) would reserve gigabytes of KV cache.
-            llama.close()
-            kwargs["n_ctx"] = 8192
-            llama = llama_cpp.Llama(**kwargs)
         n_layer = llama_cpp.llama_model_n_layer(llama.model)
         done, total = capture.offloaded or (0, n_layer + 1)
         offload = {
@@ -285,20 +289,21 @@ def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
     return keep
 
 
-def _is_embedding_model(path: str | Path) -> bool:
-    """True for encoder models (a pooling type in the GGUF): those are loaded for embeddings only."""
+def _metadata(path: str | Path) -> dict[str, Any]:
+    """The GGUF's metadata (header only), or {} when it cannot be read (llama.cpp then says why)."""
     try:
-        import gguf  # type: ignore[import-untyped]
+        from ..models.gguf import read_metadata
 
-        reader = gguf.GGUFReader(str(path))
-        arch_field = reader.fields.get("general.architecture")
-        if arch_field is None:
-            return False
-        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-        return f"{arch}.pooling_type" in reader.fields
-    except Exception:  # a reader problem must not stop a model that llama.cpp can load
-        return False
+        return read_metadata(path)
+    except Exception:  # an unreadable header is reported by the load that follows
+        return {}
 
+
+DEFAULT_CONTEXT_CAP = 8192
+"""Context used when neither config nor profile sets one and the model was trained for more."""
+
+_FORMAT_BY_ARCH = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "qwen2": "chatml", "qwen3": "chatml"}
+"""Chat formats for GGUFs that carry no template of their own (Gemma 3 270M base has none)."""
 
 _FILE_TYPES = {"0": "F32", "1": "F16", "2": "Q4_0", "3": "Q4_1", "7": "Q8_0", "8": "Q5_0", "9": "Q5_1",
                "10": "Q2_K", "11": "Q3_K_S", "12": "Q3_K_M", "13": "Q3_K_L", "14": "Q4_K_S", "15": "Q4_K_M",

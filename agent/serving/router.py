@@ -137,7 +137,9 @@ class Router:
                     raise UpstreamError(f"the generation failed: {e}", status=502, before_first_token=False) from None
                 last = UpstreamError(f"node {upstream.node} failed: {e}", status=502)
             finally:
-                await stream.aclose()  # type: ignore[attr-defined]
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
             self.failovers += 1
             log.info("request %s: %s failed before the first token (%s); trying the next", request.request_id,
                      upstream.node, last.message if last else "?")
