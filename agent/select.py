@@ -457,20 +457,22 @@ def _forced(report: Report, cls: HardwareClass, model: ModelSpec, catalogue: Seq
     contexts = _contexts(cls, model, forced_ctx)
     for ctx in contexts:
         est = estimate(model, ctx, profiles.margin)
-        for budget in budgets:
-            if est.total <= budget.free:
-                layers = None if forced_layers < 0 else forced_layers
-                if budget.device == "cpu":
-                    layers = 0
-                return _choice(model, est, budget, report, cls, threads, layers, _gpu_note(report, budget))
-        partial = _partial(report, model, est, budgets)
-        if partial is not None and forced_layers != 0:
+        gpu = budgets[0] if budgets[0].device == "gpu" else None
+        if gpu and est.total <= gpu.free:
+            return _choice(model, est, gpu, report, cls, threads, None if forced_layers < 0 else forced_layers)
+        # Too big for the GPUs alone: split it (faster than the CPU alone) when both together hold it.
+        partial = _partial(report, model, est, budgets) if gpu else None
+        if partial is not None:
             layers, where = partial
-            budget = _Budget("gpu+cpu", budgets[0].free + ram.free, where)
-            return _choice(model, est, budget, report, cls, threads, layers)
+            return _choice(model, est, _Budget("gpu+cpu", gpu.free + ram.free, where), report, cls, threads,  # type: ignore[union-attr]
+                           layers)
+        for budget in budgets:
+            if budget.device != "gpu" and est.total <= budget.free:
+                n = 0 if budget.device == "cpu" else (None if forced_layers < 0 else forced_layers)
+                return _choice(model, est, budget, report, cls, threads, n, _gpu_note(report, budget))
     est = estimate(model, contexts[-1], profiles.margin)
     fits = []
-    for other in _candidates(cls, catalogue):
+    for other in sorted(catalogue, key=lambda m: (not _is_instruct(m), -m.size_bytes)):
         if other.size_bytes < model.size_bytes and any(
                 estimate(other, c, profiles.margin).total <= max(b.free for b in budgets)
                 for c in _contexts(cls, other, forced_ctx)):

@@ -31,8 +31,15 @@ def firmware_present(root: Path, prefix: str) -> str | None:
         except OSError:
             continue
         for name in names:
-            if name.startswith(stem):
-                return f"/{base}/{prefix.rpartition('/')[0]}/{name}".replace("//", "/")
+            if not name.startswith(stem):
+                continue
+            found = f"/{base}/{prefix.rpartition('/')[0]}/{name}"
+            if os.path.isdir(f"{directory}/{name}"):  # amdnpu/<id>_<rev>/npu.sbin
+                inner = sorted(os.listdir(f"{directory}/{name}"))
+                if not inner:
+                    continue
+                found += f"/{inner[0]}"
+            return found
     return None
 
 
