@@ -1,0 +1,139 @@
+"""Boot the image in qemu and prove the appliance works end to end.
+
+TCG boots take minutes each here, so each boot checks as much as it can:
+- UEFI: the headless path (a preset on the FAT partition, written with mtools), /var grown to the end
+  of a larger disk, and a chat completion through the official `openai` client with the node's key.
+- BIOS: legacy boot through grub, and the interactive wizard driven over the serial console.
+The check unit inside the image (hearth-check.service, enabled by an SMBIOS credential) prints a verdict
+and, in test mode only, the API key on the serial console.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+BOOT_TIMEOUT = float(os.environ.get("HEARTH_BOOT_TIMEOUT", 1500))
+MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+PRESET = f"""\
+# Written by tests/image/test_boot.py (CRLF line ends, like a preset saved on Windows).
+node:
+  name: hearth-test
+model:
+  name: {MODEL_FILE}
+  context: 1024
+  chat_format: gemma
+household:
+  mode: create
+"""
+GiB = 1 << 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def verdict(vm, timeout: float = BOOT_TIMEOUT) -> tuple[int, dict[str, str], float]:
+    """Wait for hearth-check's verdict: (exit code, its 'name value' lines, seconds since qemu start)."""
+    started = time.monotonic()
+    match = vm.wait_for(r"hearth-check: exit (\d+)", timeout)
+    lines: dict[str, str] = {}
+    for m in re.finditer(rb"hearth-check: ([a-z-]+):? ([^\r\n]*)", vm.log()):
+        lines.setdefault(m.group(1).decode(), m.group(2).decode().strip())
+    return int(match.group(1)), lines, time.monotonic() - started
+
+
+def test_uefi_headless_preset_openai_and_growth(image, harness, tmp_path):
+    openai = pytest.importorskip("openai")
+    port = free_port()
+    preset = tmp_path / "hearth.yaml"
+    preset.write_bytes(PRESET.replace("\n", "\r\n").encode())
+    vm = harness.VM(image, firmware="uefi", disk_size="6G", port=port, workdir=tmp_path / "vm",
+                    credentials={"hearth.check": "full show-key"})
+    vm.prepare()
+    harness.put_preset(vm.disk, preset)
+    with vm:
+        code, lines, seconds = verdict(vm)
+        print(f"UEFI boot to healthy API: {seconds:.0f}s ({harness.kvm_works() and 'kvm' or 'tcg'})")
+        assert code == 0, f"hearth-check failed:\n{vm.tail(80)}"
+        # The data partition grew from its build size (512 MiB) to the end of the 6 GiB disk.
+        assert int(lines["var"].split()[0]) > 4 * GiB, lines["var"]
+        key = lines["api-key"]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, timeout=600)
+        models = [m.id for m in client.models.list().data]
+        assert models, "the node serves no model"
+        reply = client.chat.completions.create(model=models[0], max_tokens=16, temperature=0,
+                                               messages=[{"role": "user", "content": "Say hello."}])
+        assert reply.choices[0].message.content, reply
+        assert reply.usage and reply.usage.completion_tokens > 0
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="hearth-wrong", max_retries=0).models.list()
+        assert vm.powerdown(120) == 0
+
+
+class SerialDriver:
+    """Presses keys on the guest's serial console while a wizard waits for answers (pexpect-style)."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(str(path))
+        self.sock.settimeout(1)
+        self.stop = threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        # The log file keeps the output; reading the socket keeps qemu from blocking on it.
+        while not self.stop.is_set():
+            try:
+                if not self.sock.recv(65536):
+                    return
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def test_bios_boot_and_serial_wizard(image, harness, tmp_path):
+    """Legacy BIOS (grub) boot; the first-boot wizard on the serial console, taken down its default path."""
+    vm = harness.VM(image, firmware="bios", workdir=tmp_path / "vm", credentials={"hearth.check": "full"})
+    with vm:
+        # Wait for either the wizard on the serial line or (no wizard in this image) the verdict.
+        first = vm.wait_for(rb"(hearth-check: exit \d+|[Hh]earth.{0,40}(set ?up|wizard|[Ww]elcome))", BOOT_TIMEOUT)
+        if b"hearth-check" not in first.group(0):
+            driver = SerialDriver(vm.serial_socket)
+            try:
+                deadline = time.monotonic() + BOOT_TIMEOUT
+                # The default path: accept each screen's default with Enter until the node is set up.
+                while b"hearth-check: exit" not in vm.log() and time.monotonic() < deadline:
+                    driver.send(b"\r")
+                    time.sleep(3)
+            finally:
+                driver.close()
+            code, _lines, _s = verdict(vm, 60)
+        else:
+            code = int(re.search(rb"exit (\d+)", first.group(0)).group(1))
+            pytest.xfail("no first-boot wizard on the serial console in this image (hearth-firstboot.service)")
+        assert code == 0, f"hearth-check failed after the wizard:\n{vm.tail(80)}"
+        assert vm.powerdown(120) == 0
+
+
+@pytest.mark.xfail(reason="two-VM mesh boot not wired yet (needs the mesh's household join over a preset)",
+                   run=False)
+def test_two_nodes_on_one_lan(image, harness, tmp_path):
+    """Two VMs on one qemu multicast LAN find each other and one serves a request for the other."""
+    raise NotImplementedError
