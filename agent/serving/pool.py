@@ -277,8 +277,19 @@ class LocalUpstream:
         try:
             async with self._running:
                 await self._admit_ready()
-                async for event in self._stream(request):
-                    yield event
+                deadline = time.monotonic() + self.ready_wait
+                while True:
+                    try:
+                        async for event in self._stream(request):
+                            yield event
+                        return
+                    except _WorkerGone as e:
+                        # Nothing reached the client and the worker is dying or restarting: the
+                        # request is as good as new, so wait for the next worker instead of failing.
+                        if not e.before_first_token or time.monotonic() >= deadline or self.worker.state == "stopped":
+                            raise UpstreamError(e.message, status=e.status, hint=e.hint,
+                                                before_first_token=e.before_first_token, retry_after=1.0) from None
+                    await asyncio.sleep(0.05)
         finally:
             self._queued -= 1
 
@@ -302,7 +313,7 @@ class LocalUpstream:
                 line = await readline()
                 if not line:
                     self.errors += 1
-                    raise UpstreamError(f"model '{self.model}' worker stopped during the generation", status=503,
+                    raise _WorkerGone(f"model '{self.model}' worker stopped during the generation", status=503,
                                         before_first_token=pieces == 0, retry_after=1.0)
                 if line.startswith(b'{"t":'):
                     if not pieces:
@@ -320,9 +331,13 @@ class LocalUpstream:
                     self.errors += 1
                     raise UpstreamError(msg["error"], status=int(msg.get("status") or 500), hint=msg.get("hint"),
                                         before_first_token=pieces == 0)
-        except (ConnectionError, ValueError, TypeError, KeyError) as e:
+        except ConnectionError as e:
             self.errors += 1
-            raise UpstreamError(f"model '{self.model}' worker failed: {e}", status=503,
+            raise _WorkerGone(f"model '{self.model}' worker failed: {e}", status=503,
+                              before_first_token=pieces == 0) from None
+        except (ValueError, TypeError, KeyError) as e:
+            self.errors += 1
+            raise UpstreamError(f"model '{self.model}' worker answered garbage: {e}", status=502,
                                 before_first_token=pieces == 0) from None
         finally:
             writer.close()
@@ -366,6 +381,10 @@ class LocalUpstream:
         if "error" in reply:
             raise UpstreamError(reply["error"], status=int(reply.get("status") or 500), hint=reply.get("hint"))
         return reply["embeddings"], int(reply["prompt_tokens"])
+
+
+class _WorkerGone(UpstreamError):
+    """The worker's connection broke (it died or is restarting)."""
 
 
 class Pool:

@@ -173,3 +173,19 @@ async def test_load_failure_is_retried_and_reported(fake_spec: WorkerSpec, monke
         assert info.value.status == 503 and "bad file" in info.value.message
     finally:
         await worker.stop()
+
+
+async def test_request_to_a_just_killed_worker_waits_for_the_next_one(fake_spec: WorkerSpec) -> None:
+    worker = WorkerProcess(fake_spec, backoff=Backoff(first=0.05))
+    worker.start()
+    try:
+        up = LocalUpstream(worker)
+        assert await worker.wait_ready(10)
+        old = worker.pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        # No text had been sent, so the request is not lost: it is served by the restarted worker.
+        events = [e async for e in up.generate(req(2))]
+        assert isinstance(events[-1], Finished) and worker.pid != old
+    finally:
+        await worker.stop()
