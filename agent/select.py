@@ -372,9 +372,13 @@ def _local_file(name: str, models_dir: Path | None) -> ModelSpec | None:
     return spec.with_facts(facts)
 
 
-def select(report: Report, catalogue: Sequence[ModelSpec] | None = None, config: Any = None,
+def select(report: Report, config: Any = None, catalogue: Sequence[ModelSpec] | None = None,
            profiles: Profiles | None = None, models_dir: Path | None = None) -> Choice | None:
     """The model this node should serve, or None when the config says ``model.name: none``.
+
+    *config* is a hearth.config.Config (its model.* settings override the profile); *catalogue*
+    defaults to profiles/models.yaml and *models_dir* to the config's store, where downloaded files'
+    own metadata replace the catalogue's figures.
 
     Raises NothingFits when no model fits, ModelTooBig when the configured one cannot, UnknownModel
     when the configured name is neither in the catalogue nor a GGUF file in the store.

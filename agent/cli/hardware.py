@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_report(report: Any) -> None:
-    """The report as tables: devices, then what each backend concluded."""
+    """The report as a table of devices, what needs attention, then what each backend concluded."""
     from ..hardware import gib
 
     cpu = report.cpu
@@ -60,32 +60,36 @@ def print_report(report: Any) -> None:
         ("cpu", cpu.model, f"{cpu.cores} cores, {cpu.threads} threads", " ".join(cpu.flags) or "-"),
         ("memory", "RAM", f"{gib(report.memory)} total", f"{gib(report.memory_available)} available"),
     ]
+    notes: list[str] = []
     for g in report.gpus:
-        kind = "integrated" if g.integrated else "discrete"
-        memory = "shared memory" if g.integrated and not g.vram_total else (
-            f"{gib(g.vram_free)} free of {gib(g.vram_total)}" if g.vram_total else "memory unknown")
-        if g.integrated and g.vram_total:
-            memory = f"{gib(g.vram_total)} carve-out, shares RAM"
-        details = [f"{g.pci_address} {g.pci_id}".strip(), f"driver {g.driver or 'none'}"]
-        details += [x for x in (g.driver_version and f"v{g.driver_version}",
-                                g.compute_capability and f"cc {g.compute_capability}",
+        kind = "igpu" if g.integrated else "gpu"
+        if g.integrated:
+            memory = f"shares RAM ({gib(g.vram_total)} carve-out)" if g.vram_total else "shares RAM"
+        else:
+            memory = f"{gib(g.vram_free)} free of {gib(g.vram_total)}" if g.vram_total else "memory unknown"
+        details = [g.pci_address, g.pci_id, f"driver {g.driver or 'none'}"]
+        details += [x for x in (g.driver_version, g.compute_capability and f"cc {g.compute_capability}",
                                 g.gfx_target) if x]
+        rows.append((kind, g.name, memory, " ".join(d for d in details if d)))
         if g.note:
-            details.append(f"! {g.note}")
-        rows.append((f"gpu ({kind})", g.name, memory, ", ".join(details)))
+            notes.append(f"{g.name}: {g.note}")
     for n in report.npus:
-        details = [f"{n.pci_address} {n.pci_id}".strip(), f"driver {n.driver or 'none'}"]
-        details += [x for x in (n.state, n.firmware and f"firmware {n.firmware}") if x]
+        details = [n.pci_address, n.pci_id, f"driver {n.driver or 'none'}", n.state or ""]
+        rows.append(("npu", n.name, "driver loaded" if n.usable else "not usable", " ".join(d for d in details if d)))
+        if n.firmware:
+            notes.append(f"{n.name}: firmware {n.firmware}; llama.cpp does not run models on NPUs")
         if n.note:
-            details.append(f"! {n.note}")
-        rows.append(("npu", n.name, "ready" if n.usable else "not usable", ", ".join(details)))
+            notes.append(f"{n.name}: {n.note}")
     llama = report.llama_cpp
     if llama.available:
         devs = ", ".join(f"{d['name']} ({d['type']})" for d in llama.devices) or "none"
-        rows.append(("llama.cpp", "GPU offload" if llama.gpu_offload else "CPU only", devs, llama.reason or ""))
+        rows.append(("llama.cpp", "GPU offload" if llama.gpu_offload else "CPU only", "", devs))
     else:
-        rows.append(("llama.cpp", "unavailable", "-", llama.reason or ""))
-    print_table(("kind", "device", "memory / cores", "details"), rows)
+        rows.append(("llama.cpp", "not available", "", llama.reason or ""))
+    print_table(("kind", "device", "memory", "details"), rows)
+    for note in notes:
+        print(f"! {note}")
     print()
-    print_table(("backend", "available", "devices", "reason"),
-                [(b.backend, "yes" if b.available else "no", str(b.devices), b.reason or "") for b in report.backends])
+    print_table(("backend", "found", "reason"),
+                [(b.backend, f"{b.devices} device{'s' if b.devices != 1 else ''}" if b.available else "no",
+                  b.reason or "") for b in report.backends])

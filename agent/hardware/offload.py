@@ -21,8 +21,9 @@ def _get(facts: Any, *names: str) -> Any:
 def offload_warning(report: Report, facts: Any) -> str | None:
     """A loud one-line warning when a discrete GPU exists but the loaded model runs (partly) on the CPU.
 
-    *facts* are the offload facts recorded when the model loaded (a dict or object with ``backend``,
-    ``layers_offloaded`` and ``layers_total``); None (no model loaded) gives None.
+    *facts* are the offload facts the engine records when the model loads (hearth.serving.engine: a
+    dict with ``layers_offloaded``, ``layers_total``, ``gpu_offload_supported`` and llama.cpp's
+    ``devices``; a ``backend`` name is honoured too); None (no model loaded) gives None.
     """
     if facts is None:
         return None
@@ -39,7 +40,11 @@ def offload_warning(report: Report, facts: Any) -> str | None:
         return f"WARNING: {_name(g)} found but the model runs on the CPU: {g.note or 'its driver is not working'}"
     g = usable[0]
     wants, profile = BACKEND_OF.get(g.vendor, ("GPU", g.vendor))
-    if report.llama_cpp.gpu_offload is False:
+    supported = _get(facts, "gpu_offload_supported")
+    devices = _get(facts, "devices")
+    if isinstance(devices, list) and devices and supported is None:
+        supported = any(str(_get(d, "type") or "").lower() in ("gpu", "igpu") for d in devices)
+    if report.llama_cpp.gpu_offload is False or supported is False:
         return (f"WARNING: {_name(g)} found but llama.cpp in this image has no {wants} backend, so the model "
                 f"runs on the CPU: build the image with the {profile} profile")
     if on_cpu:

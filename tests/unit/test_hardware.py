@@ -198,6 +198,11 @@ def test_offload_warning() -> None:
     assert w and "0 of 49 layers" in w
     w = offload_warning(r, {"backend": "CUDA0", "layers_offloaded": 20, "layers_total": 49})
     assert w and "only 20 of 49" in w
+    # The engine's own record of a load in the CPU-only image (hearth.serving.engine's offload dict).
+    engine_facts = {"devices": [{"name": "CPU", "type": "cpu"}], "cpu_variant": "haswell",
+                    "gpu_offload_supported": False, "layers_offloaded": 0, "layers_total": 49}
+    w = offload_warning(r, engine_facts)
+    assert w and "no CUDA backend" in w
     # No discrete GPU: running on the CPU is expected, no warning.
     assert offload_warning(machine("minipc-n100"), {"backend": "CPU", "layers_offloaded": 0, "layers_total": 34}) is None
 

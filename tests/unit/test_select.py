@@ -55,7 +55,7 @@ CAREFUL_PICKS = [
 
 @pytest.mark.parametrize(("name", "model", "device", "context", "klass"), CAREFUL_PICKS)
 def test_each_machine_gets_the_careful_pick(name: str, model: str, device: str, context: int, klass: str) -> None:
-    choice = select(machine(name), CATALOGUE, profiles=PROFILES)
+    choice = select(machine(name), catalogue=CATALOGUE, profiles=PROFILES)
     assert choice is not None
     assert (choice.model.name, choice.device, choice.context, choice.hardware_class) == (model, device, context, klass)
     assert choice.estimate.total <= choice.free
@@ -65,7 +65,7 @@ def test_each_machine_gets_the_careful_pick(name: str, model: str, device: str, 
 
 
 def test_reason_names_the_gpu() -> None:
-    choice = select(machine("desktop-nvidia"), CATALOGUE, profiles=PROFILES)
+    choice = select(machine("desktop-nvidia"), catalogue=CATALOGUE, profiles=PROFILES)
     assert choice is not None
     assert choice.reason == ("Qwen2.5 14B Instruct Q4_K_M: needs 10.2 GiB with 8k context; "
                              "this node has 11.6 GiB free VRAM on NVIDIA GeForce RTX 3060")
@@ -74,7 +74,7 @@ def test_reason_names_the_gpu() -> None:
 def test_one_gpu_of_two_would_get_less() -> None:
     r = machine("two-gpus")
     one = dataclasses.replace(r, gpus=r.gpus[:1])
-    choice = select(one, CATALOGUE, profiles=PROFILES)
+    choice = select(one, catalogue=CATALOGUE, profiles=PROFILES)
     assert choice is not None and choice.model.name == "qwen2.5-14b-instruct"
 
 
@@ -89,67 +89,67 @@ def test_one_gpu_of_two_would_get_less() -> None:
 def test_cpu_only_table(total: float, available: float, cores: int, expected: str, context: int) -> None:
     base = machine("minipc-n100")
     r = dataclasses.replace(with_memory(base, total, available), cpu=dataclasses.replace(base.cpu, cores=cores))
-    choice = select(r, CATALOGUE, profiles=PROFILES)
+    choice = select(r, catalogue=CATALOGUE, profiles=PROFILES)
     assert choice is not None and (choice.model.name, choice.context) == (expected, context)
 
 
 def test_context_shrinks_before_the_model_does() -> None:
     r = machine("desktop-nvidia")
     gpu = dataclasses.replace(r.gpus[0], vram_free=int(10.9 * GIB))
-    choice = select(dataclasses.replace(r, gpus=(gpu,)), CATALOGUE, profiles=PROFILES)
+    choice = select(dataclasses.replace(r, gpus=(gpu,)), catalogue=CATALOGUE, profiles=PROFILES)
     assert choice is not None and (choice.model.name, choice.context) == ("qwen2.5-14b-instruct", 4096)
 
 
 def test_nothing_fits() -> None:
     r = with_memory(machine("minipc-n100"), 1.0, 0.6)
     with pytest.raises(NothingFits) as e:
-        select(r, CATALOGUE, profiles=PROFILES)
+        select(r, catalogue=CATALOGUE, profiles=PROFILES)
     assert "the smallest, Gemma 3 270M" in e.value.message and "614 MiB free RAM" in e.value.message
     assert e.value.hint
 
 
 def test_forced_model_too_big() -> None:
     with pytest.raises(ModelTooBig) as e:
-        select(machine("minipc-n100"), CATALOGUE, config=cfg(name="qwen2.5-32b-instruct"), profiles=PROFILES)
+        select(machine("minipc-n100"), catalogue=CATALOGUE, config=cfg(name="qwen2.5-32b-instruct"), profiles=PROFILES)
     assert e.value.message.startswith("Qwen2.5 32B Instruct Q4_K_M does not fit: it needs")
     assert "13.8 GiB free RAM" in e.value.message
     assert e.value.hint and "Qwen2.5 14B Instruct Q4_K_M" in e.value.hint
 
 
 def test_forced_model_that_fits_and_overrides() -> None:
-    choice = select(machine("desktop-nvidia"), CATALOGUE, config=cfg(name="llama3.1-8b-instruct", context=16384,
+    choice = select(machine("desktop-nvidia"), catalogue=CATALOGUE, config=cfg(name="llama3.1-8b-instruct", context=16384,
                     threads=3), profiles=PROFILES)
     assert choice is not None
     assert (choice.model.name, choice.context, choice.threads, choice.device) == ("llama3.1-8b-instruct", 16384, 3, "gpu")
 
 
 def test_forced_too_big_for_vram_runs_split() -> None:
-    choice = select(machine("desktop-nvidia"), CATALOGUE, config=cfg(name="qwen2.5-32b-instruct"), profiles=PROFILES)
+    choice = select(machine("desktop-nvidia"), catalogue=CATALOGUE, config=cfg(name="qwen2.5-32b-instruct"), profiles=PROFILES)
     assert choice is not None and choice.device == "gpu+cpu"
     assert 0 < choice.gpu_layers < choice.model.n_layers and "layers" in choice.reason
 
 
 def test_gpu_layers_zero_means_cpu() -> None:
-    choice = select(machine("desktop-nvidia"), CATALOGUE, config=cfg(gpu_layers=0), profiles=PROFILES)
+    choice = select(machine("desktop-nvidia"), catalogue=CATALOGUE, config=cfg(gpu_layers=0), profiles=PROFILES)
     assert choice is not None and choice.device == "cpu" and choice.gpu_layers == 0
     assert choice.hardware_class == "cpu-large" and "free RAM" in choice.reason
 
 
 def test_forced_context_too_big() -> None:
     with pytest.raises(ModelTooBig, match="with 128k context"):
-        select(machine("minipc-n100"), CATALOGUE, config=cfg(name="gemma3-4b", context=131072), profiles=PROFILES)
+        select(machine("minipc-n100"), catalogue=CATALOGUE, config=cfg(name="gemma3-4b", context=131072), profiles=PROFILES)
 
 
 def test_unknown_model_and_none() -> None:
     with pytest.raises(UnknownModel) as e:
-        select(machine("minipc-n100"), CATALOGUE, config=cfg(name="gemma3-4"), profiles=PROFILES)
+        select(machine("minipc-n100"), catalogue=CATALOGUE, config=cfg(name="gemma3-4"), profiles=PROFILES)
     assert e.value.hint and "gemma3-4b" in e.value.hint
-    assert select(machine("minipc-n100"), CATALOGUE, config=cfg(name="none"), profiles=PROFILES) is None
+    assert select(machine("minipc-n100"), catalogue=CATALOGUE, config=cfg(name="none"), profiles=PROFILES) is None
 
 
 def test_cpu_only_llama_build_plans_for_ram() -> None:
     r = machine("desktop-nvidia", llama_devices=lambda: [{"name": "CPU", "type": "cpu"}])
-    choice = select(r, CATALOGUE, profiles=PROFILES)
+    choice = select(r, catalogue=CATALOGUE, profiles=PROFILES)
     assert choice is not None and choice.device == "cpu" and choice.gpu_layers == 0
     assert "no GPU backend" in choice.reason
 
@@ -181,7 +181,7 @@ def test_downloaded_gguf_facts_replace_the_catalogue(tmp_path: Path) -> None:
     w.close()
     spec = ModelSpec.from_entry({"name": "tiny", "display_name": "Tiny", "size_bytes": 10**9, "n_layers": 99,
                                  "n_kv_heads": 9, "head_dim": 128, "context_length": 4096, "file": "tiny.gguf"})
-    choice = select(machine("minipc-n100"), [spec], config=cfg(name="tiny"), profiles=PROFILES, models_dir=tmp_path)
+    choice = select(machine("minipc-n100"), catalogue=[spec], config=cfg(name="tiny"), profiles=PROFILES, models_dir=tmp_path)
     assert choice is not None
     assert choice.model.n_layers == 3 and choice.model.n_kv_heads == 2 and choice.model.key_length == 16
     assert choice.model.size_bytes == path.stat().st_size and choice.context == 2048
