@@ -14,5 +14,4 @@ def test_partial_stop_holds_back_a_possible_start() -> None:
     assert _partial_stop("hello wor", ("world!",)) == 3
     assert _partial_stop("hello w", ("world", "wx")) == 1
     assert _partial_stop("hello", ("world",)) == 0
-    # A whole stop string is found by _find_stop, never held back.
-    assert _partial_stop("ab", ("ab",)) == 1
+    assert _partial_stop("xab", ("abc", "bcd")) == 2
