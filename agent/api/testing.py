@@ -41,11 +41,13 @@ class FakeRouter:
     """Generates ``words`` for model 'fake' (and 'fake-embed', which can embed)."""
 
     def __init__(self, words: tuple[str, ...] = ("Hello", ",", " world", "!"), delay: float = 0.0,
-                 prompt_tokens: int = 5, context: int = 2048) -> None:
+                 prompt_tokens: int = 5, context: int = 2048, any_model: bool = False) -> None:
         self.words = words
         self.delay = delay
         self.prompt_tokens = prompt_tokens
         self.context = context
+        self.any_model = any_model
+        """Serve any model name (fuzzing reaches the generation paths with strange names)."""
         self.records: list[Record] = []
         self.queue_full = False
         self.fail_before: UpstreamError | None = None
@@ -60,7 +62,7 @@ class FakeRouter:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Scripted words; honours max_tokens and stop; records cancellation."""
-        if request.model not in ("fake", "fake-embed"):
+        if request.model not in ("fake", "fake-embed") and not self.any_model:
             raise ModelNotFound(request.model)
         if self.queue_full:
             raise QueueFull(request.model, retry_after=2.5)
