@@ -60,19 +60,21 @@ def run(args: argparse.Namespace) -> int:
 def _copy(args: argparse.Namespace, cfg: Any, view: dict[str, Any]) -> int:
     from ..mesh import household, identity
     from ..mesh.auth import derive_key
-    from ..mesh.copy import copy_from_peer
+    from ..mesh.copy import copy_from_peer, peers_with_model
+    from ..models.store import Store
 
     hh = household.load(cfg.state.dir)
     if hh is None:
         raise HearthError("this node has no household", hint="'hearth household join CODE'")
     me = identity.load_or_create(cfg.state.dir)
-    peers = [p for p in view["peers"] if args.name in (p.get("files") or [])]
+    peers = peers_with_model(view, args.name)
     if args.peer:
-        peers = [p for p in view["peers"] if p["url"].rstrip("/") == args.peer.rstrip("/")] or peers
+        peers = [p for p in view["peers"] if p["url"].rstrip("/") == args.peer.rstrip("/")]
     if not peers:
-        raise HearthError(f"no peer has a model file '{args.name}'", hint="'hearth peers --json' lists each peer's files")
-    peer = min(peers, key=lambda p: p.get("queued", 0))
-    print(f"copying {args.name} from {peer['name']} ({peer['host']})")
-    path = copy_from_peer(derive_key(hh.secret), me.node_id, peer["url"], peer["node"], args.name, cfg.models_dir)
-    print(f"copied to {path} (sha256 checked)")
+        raise HearthError(f"no peer has a model '{args.name}'", hint="'hearth peers --json' lists each peer's files")
+    peer = peers[0]
+    print(f"copying {args.name} from {peer['name']} ({peer['host']})", flush=True)
+    model = copy_from_peer(Store.from_config(cfg), derive_key(hh.secret), me.node_id, peer["url"], peer["node"],
+                           args.name, say=lambda line: print(line, flush=True))
+    print(f"copied {model.file} to {model.path} (sha256 {model.sha256} checked)")
     return 0

@@ -7,6 +7,7 @@ forwarded request is never forwarded again.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -104,16 +105,14 @@ def make_router(mesh: MeshService) -> APIRouter:
     @router.get("/models/{name}/info")
     async def model_info(name: str, request: Request, sender: str = Depends(verified)) -> Response:
         """Size and SHA-256 of a model file, signed (the copy is checked against it)."""
-        path = _model_path(mesh, name)
-        import asyncio
-
-        sha = await asyncio.to_thread(mesh.file_sha256, path)
-        return signed(request, {"name": name, "size": path.stat().st_size, "sha256": sha})
+        model = _stored(mesh, name)
+        sha = model.sha256 or await asyncio.to_thread(mesh.file_sha256, model.path)
+        return signed(request, {"name": model.name, "file": model.file, "size": model.size, "sha256": sha})
 
     @router.get("/models/{name}")
     async def model_file(name: str, sender: str = Depends(verified)) -> FileResponse:
         """The model file itself; honours Range so an interrupted copy resumes."""
-        return FileResponse(_model_path(mesh, name), media_type="application/octet-stream")
+        return FileResponse(_stored(mesh, name).path, media_type="application/octet-stream")
 
     @router.get("/peers")
     async def peers(request: Request) -> JSONResponse:
@@ -131,11 +130,11 @@ def make_router(mesh: MeshService) -> APIRouter:
     return router
 
 
-def _model_path(mesh: MeshService, name: str) -> Any:
-    for p in mesh.model_files():
-        if p.name == name:
-            return p
-    raise HTTPException(404, detail=f"no model file '{name}' on this node")
+def _stored(mesh: MeshService, name: str) -> Any:
+    for m in mesh.stored_models():
+        if name in (m.name, m.file):
+            return m
+    raise HTTPException(404, detail=f"no model '{name}' in this node's store")
 
 
 async def _stream(mesh: MeshService, ups: list[Any], req: GenerationRequest) -> AsyncIterator[bytes]:

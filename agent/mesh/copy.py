@@ -1,22 +1,19 @@
-"""Copy a model file from a peer over the LAN: signed, resumable (HTTP Range), sha256-checked.
+"""Copy a model from a peer over the LAN instead of the internet: signed, resumable, sha256-checked.
 
-The size and SHA-256 come in a signed answer from the peer (/mesh/v1/models/NAME/info); the bytes come
-from /mesh/v1/models/NAME into ``.NAME.part`` beside the target, which a later call resumes. Only a file
-whose hash matches is renamed into the store.
+The peer proves the file's size and SHA-256 in a signed answer (/mesh/v1/models/NAME/info); the bytes
+come through the model store's own resumable download (HTTP Range, journal, hash on the way, verified
+acceptance) from /mesh/v1/models/FILE, every request (and every resume) freshly signed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 import httpx
 
 from ..errors import HearthError
-from ..fsutil import fsync_dir
 from .auth import H_NONCE, H_SIG, verify_answer
 from .client import signed_headers
 
@@ -24,84 +21,77 @@ log = logging.getLogger(__name__)
 
 
 class CopyError(HearthError):
-    """A model copy from a peer failed; the partial file is kept for the next try."""
+    """A model copy from a peer cannot start (no such model, the peer cannot prove itself)."""
 
 
-def _check_name(name: str) -> None:
+def model_info(key: bytes, node: str, peer_url: str, peer_node: str, name: str, timeout: float = 60.0) -> dict[str, Any]:
+    """{file, size, sha256} of model *name* on the peer, from an answer signed by *peer_node*."""
     if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise CopyError(f"'{name}' is not a model file name", hint="'hearth peers' lists the files peers have")
+        raise CopyError(f"'{name}' is not a model name", hint="'hearth peers --json' lists each peer's models")
+    url = f"{peer_url.rstrip('/')}/mesh/v1/models/{name}/info"
+    headers = signed_headers(key, node, "GET", url)
+    try:
+        resp = httpx.get(url, headers=headers, timeout=timeout, trust_env=False)
+    except httpx.HTTPError as e:
+        raise CopyError(f"cannot reach the peer at {peer_url}: {e}") from None
+    if resp.status_code != 200:
+        raise CopyError(f"the peer at {peer_url} has no model '{name}' ({resp.status_code})")
+    if not verify_answer(key, headers[H_NONCE], peer_node, resp.content, resp.headers.get(H_SIG)):
+        raise CopyError(f"the peer at {peer_url} did not prove it belongs to the household")
+    info = resp.json()
+    return {"file": str(info["file"]), "size": int(info["size"]), "sha256": str(info["sha256"])}
 
 
-def copy_from_peer(key: bytes, node: str, peer_url: str, peer_node: str, name: str, dest_dir: str | os.PathLike[str],
-                   retries: int = 3, progress: Callable[[int, int], None] | None = None,
-                   timeout: float = 30.0) -> Path:
-    """Fetch model *name* from the peer at *peer_url* into *dest_dir*; resumes a partial copy."""
-    _check_name(name)
-    dest = Path(dest_dir) / name
-    part = Path(dest_dir) / f".{name}.part"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    base = peer_url.rstrip("/")
-    with httpx.Client(timeout=timeout, trust_env=False) as http:
-        url = f"{base}/mesh/v1/models/{name}/info"
-        headers = signed_headers(key, node, "GET", url)
-        resp = http.get(url, headers=headers)
-        if resp.status_code != 200:
-            raise CopyError(f"peer {peer_url} has no model '{name}' ({resp.status_code})")
-        if not verify_answer(key, headers[H_NONCE], peer_node, resp.content, resp.headers.get(H_SIG)):
-            raise CopyError(f"peer {peer_url} did not prove it belongs to the household")
-        info = resp.json()
-        size, sha256 = int(info["size"]), str(info["sha256"])
-        attempt = 0
-        while True:
-            have = part.stat().st_size if part.exists() else 0
-            if have > size:
-                part.unlink()
-                have = 0
-            if have == size:
-                break
-            if have:
-                log.info("copy %s: resuming at %d of %d bytes", name, have, size)
-            try:
-                _fetch(http, key, node, f"{base}/mesh/v1/models/{name}", part, have, size, progress)
-            except (httpx.HTTPError, CopyError) as e:
-                attempt += 1
-                if attempt > retries:
-                    raise CopyError(f"copying '{name}' from {peer_url} failed: {e}",
-                                    hint="run the copy again: it resumes where it stopped") from None
-                log.warning("copy %s: %s; resuming", name, e)
-    digest = _sha256(part)
-    if digest != sha256:
-        part.unlink()
-        raise CopyError(f"the copy of '{name}' is damaged (sha256 {digest[:12]}…, expected {sha256[:12]}…)",
-                        hint="run the copy again")
-    os.replace(part, dest)
-    fsync_dir(dest.parent)
-    log.info("copied %s (%d bytes) from %s, sha256 ok", name, size, peer_url)
-    return dest
+def copy_from_peer(store: Any, key: bytes, node: str, peer_url: str, peer_node: str, name: str,
+                   progress: Callable[..., None] | None = None, should_stop: Callable[[], bool] | None = None,
+                   say: Callable[[str], None] | None = None) -> Any:
+    """Fetch model *name* from the peer into *store* (a hearth.models.store.Store); returns the StoredModel.
+
+    An interrupted copy resumes on the next call; a file whose hash differs is never accepted."""
+    from ..models.download import download
+
+    info = model_info(key, node, peer_url, peer_node, name)
+    url = f"{peer_url.rstrip('/')}/mesh/v1/models/{info['file']}"
+    part = store.partial_path(info["file"])
+    if say and part.exists() and 0 < part.stat().st_size < info["size"]:
+        say(f"resuming at {part.stat().st_size} of {info['size']} bytes")
+
+    def sign(method: str, target: str) -> dict[str, str]:
+        return signed_headers(key, node, method, target)
+
+    model = download(store, url, info["file"], sha256=info["sha256"], size=info["size"], headers=sign,
+                     progress=progress, should_stop=should_stop)
+    log.info("copied %s (%d bytes) from %s, sha256 ok", info["file"], info["size"], peer_url)
+    return model
 
 
-def _fetch(http: httpx.Client, key: bytes, node: str, url: str, part: Path, have: int, size: int,
-           progress: Callable[[int, int], None] | None) -> None:
-    headers = signed_headers(key, node, "GET", url) | {"Range": f"bytes={have}-"}
-    with http.stream("GET", url, headers=headers) as resp:
-        if resp.status_code == 200 and have:
-            have = 0  # the peer ignored the range: start over
-            part.unlink(missing_ok=True)
-        elif resp.status_code not in (200, 206):
-            raise CopyError(f"the peer answered {resp.status_code}")
-        with part.open("ab") as f:
-            for chunk in resp.iter_bytes(1 << 20):
-                f.write(chunk)
-                have += len(chunk)
-                if progress:
-                    progress(have, size)
-            f.flush()
-            os.fsync(f.fileno())
+def peers_with_model(view: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """Peers (from the agent's /mesh/v1/peers view) that have model *name*, least busy first."""
+    have = [p for p in view.get("peers", ()) if name in (p.get("files") or []) or name in (p.get("stored") or [])]
+    return sorted(have, key=lambda p: p.get("queued", 0))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def pull_from_peers(cfg: Any, name: str, progress: Callable[..., None] | None = None) -> Any:
+    """Copy *name* from whichever peer has it, as this node's agent sees the mesh; None when no peer has it.
+
+    For ``hearth models pull``: try the LAN first, the internet only when this returns None."""
+    from ..models.store import Store
+    from . import household, identity
+    from .auth import derive_key
+
+    hh = household.load(cfg.state.dir)
+    if hh is None:
+        return None
+    try:
+        resp = httpx.get(f"http://127.0.0.1:{cfg.api.port}/mesh/v1/peers", timeout=3.0, trust_env=False)
+        view = resp.json() if resp.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError):
+        return None
+    me = identity.load_or_create(cfg.state.dir)
+    for peer in peers_with_model(view, name):
+        try:
+            return copy_from_peer(Store.from_config(cfg), derive_key(hh.secret), me.node_id, peer["url"],
+                                  peer["node"], name, progress=progress)
+        except HearthError as e:
+            log.warning("copy of %s from %s failed: %s", name, peer.get("name"), e.message)
+    return None

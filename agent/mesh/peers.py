@@ -63,7 +63,7 @@ class Peer:
     def summary(self) -> dict[str, Any]:
         """The row `hearth peers` shows."""
         return {"node": self.node, "name": self.name, "host": self.host, "url": self.url, "source": self.source,
-                "models": self.loaded_models(), "files": [f.get("name") for f in self.state.get("files", ())],
+                "models": self.loaded_models(), "files": sorted({n for f in self.state.get("files", ()) for n in (f.get("name"), f.get("file")) if n}),
                 "queued": self.state.get("queued", 0), "capacity": self.state.get("capacity", 0),
                 "version": self.state.get("version", ""), "last_seen": self.last_seen,
                 "age_s": round(time.time() - self.last_seen, 1) if self.last_seen else None, "alive": self.alive}

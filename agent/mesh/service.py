@@ -101,6 +101,7 @@ class MeshService:
         self._discovery: Discovery | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._sha_cache: dict[tuple[str, int, int], str] = {}
+        self._store: Any = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -297,11 +298,15 @@ class MeshService:
             return []
         return [u for u in self.router.upstreams() if u.node == "local"]
 
-    def model_files(self) -> list[Path]:
-        """GGUF files in the model store (what a peer may copy)."""
+    def stored_models(self) -> list[Any]:
+        """Models in this node's store (what a peer may copy), as hearth.models.store.StoredModel."""
+        from ..models.store import Store
+
+        if self._store is None:
+            self._store = Store.from_config(self.config)
         try:
-            return sorted(p for p in self.config.models_dir.glob("*.gguf") if p.is_file())
-        except OSError:
+            return list(self._store.list())
+        except (OSError, HearthError):
             return []
 
     def local_state(self) -> dict[str, Any]:
@@ -317,7 +322,7 @@ class MeshService:
             capacity += load.capacity
             models.append({"name": up.model, "loaded": load.loaded, "queued": load.queued, "capacity": load.capacity,
                            "tokens_per_second": load.tokens_per_second})
-        files = [{"name": p.name, "size": p.stat().st_size} for p in self.model_files()]
+        files = [{"name": m.name, "file": m.file, "size": m.size} for m in self.stored_models()]
         return {"node": self.node, "name": self.name, "version": hearth_version, "protocol": 1,
                 "api_port": self.api_port, "models": models, "files": files, "queued": queued,
                 "capacity": capacity, "uptime_s": round(time.time() - self.started_at, 1),
@@ -340,11 +345,6 @@ class MeshService:
                     h.update(chunk)
             self._sha_cache[key] = h.hexdigest()
         return self._sha_cache[key]
-
-    def peer_with_file(self, name: str) -> Peer | None:
-        """A live peer that has the model file *name* (the least busy one)."""
-        have = [p for p in self.peers.values() if any(f.get("name") == name for f in p.state.get("files", ()))]
-        return min(have, key=lambda p: p.state.get("queued", 0), default=None)
 
     def api_router(self) -> Any:
         """The FastAPI APIRouter with the /mesh/v1 endpoints (the daemon includes it)."""

@@ -99,6 +99,8 @@ class Agent:
     peers: tuple[str, ...] = ()
     discovery: bool = True
     threads: int = 1
+    store: tuple[Path, ...] = ()
+    """GGUF files linked into its model store before it starts."""
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -127,6 +129,11 @@ class Agent:
             "model": {"name": self.model, "threads": self.threads, "context": 1024, "chat_format": "gemma"},
             "mesh": {"discovery": self.discovery, "peers": list(self.peers)}, "log": {"level": "info"}})
         config_mod.save(cfg, self.config_path)
+        models = self.state / "models"
+        models.mkdir(exist_ok=True)
+        for f in self.store:
+            if not (models / f.name).exists():
+                (models / f.name).symlink_to(f)
         household.join(self.state, household.code_for(self.secret), force=True)
 
     def command(self) -> list[str]:
@@ -211,6 +218,15 @@ def wait_for(cond: Any, timeout: float, interval: float = 0.05) -> float:
             return time.monotonic() - start
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+def shape(ns: Namespace, rate: str | None) -> None:
+    """Limit the namespace's outgoing rate (tbf), or remove the limit with None."""
+    if rate is None:
+        subprocess.run(["ip", "netns", "exec", ns.name, "tc", "qdisc", "del", "dev", "eth0", "root"], capture_output=True)
+    else:
+        subprocess.run(["ip", "netns", "exec", ns.name, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate,
+                        "burst", "64kb", "latency", "200ms"], check=True, capture_output=True)
 
 
 def run_in(ns: Namespace, *argv: str, timeout: float = 120.0, **kw: Any) -> subprocess.CompletedProcess[str]:

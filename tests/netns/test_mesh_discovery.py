@@ -1,4 +1,4 @@
-"""Discovery and trust between real agents in network namespaces (no model needed).
+"""Discovery, trust and model copy between real agents in network namespaces (no model loaded).
 
 A, B and C find each other over real mDNS; D sits where multicast is off and knows only A; E has another
 household's secret; a rogue process announces itself over mDNS claiming C's identity without proof.
@@ -6,25 +6,28 @@ household's secret; a rogue process announces itself over mDNS claiming C's iden
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import subprocess
 import textwrap
 import time
 
 import pytest
-from meshlab import PYTHON, Agent, run_in, wait_for
+from meshlab import PYTHON, Agent, run_in, shape, wait_for
 
 SECRET = bytes(range(32))
 
 
 @pytest.fixture(scope="module")
-def mesh(lan, tmp_path_factory):
+def mesh(lan, tmp_path_factory, gemma_path):
     """Nodes A, B, C (mDNS), D (manual peer, no multicast) and E (wrong secret)."""
     base = tmp_path_factory.mktemp("mesh")
     ns = [lan.add() for _ in range(3)]
     ns_d = lan.add(multicast=False)
     ns_e = lan.add()
     nodes = {n: Agent(ns[i], f"hearth-{n.lower()}", base / n, SECRET) for i, n in enumerate("ABC")}
+    nodes["C"].store = (gemma_path,)  # C has Gemma on disk (not loaded): B copies it
     nodes["D"] = Agent(ns_d, "hearth-d", base / "D", SECRET, peers=(ns[0].address,), discovery=False)
     nodes["E"] = Agent(ns_e, "hearth-e", base / "E", bytes(32))
     started = time.monotonic()
@@ -139,3 +142,40 @@ def test_a_killed_node_is_dropped_within_5_s_and_a_restarted_one_is_back_within_
     up_at = time.monotonic()
     wait_for(lambda: all("hearth-b" in mesh[n].peer_names() for n in "AC"), timeout=10)
     assert time.monotonic() - up_at <= 2.0
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_model_copied_from_a_peer_arrives_intact_after_one_interruption(mesh, gemma_path):
+    """B copies Gemma from C with `hearth peers copy`; the first copy is killed midway, the second resumes."""
+    b, c = mesh["B"], mesh["C"]
+    wait_for(lambda: "hearth-c" in b.peer_names(), timeout=10)
+    part = b.state / "models" / ".partial" / f"{gemma_path.name}.part"
+    argv = ["ip", "netns", "exec", b.ns.name, PYTHON, "-m", "hearth", "--config", str(b.config_path), "peers",
+            "copy", gemma_path.name]
+    shape(c.ns, "400mbit")  # ~6 s for 253 MB, so there is a middle to interrupt
+    try:
+        first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        wait_for(lambda: part.exists() and part.stat().st_size > 40 << 20, timeout=60)
+        first.kill()
+        first.wait(10)
+        cut = part.stat().st_size
+        assert 0 < cut < gemma_path.stat().st_size
+    finally:
+        shape(c.ns, None)
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"resuming at {cut} of {gemma_path.stat().st_size} bytes" in second.stdout
+    copied = b.state / "models" / gemma_path.name
+    assert copied.is_file() and not copied.is_symlink()
+    assert _sha256(copied) == _sha256(gemma_path)
+    assert not part.exists()
+    # B now offers the model to the household too.
+    wait_for(lambda: any(gemma_path.name in (p.get("files") or []) for p in mesh["A"].view()["peers"]
+                         if p["name"] == "hearth-b"), timeout=5)
