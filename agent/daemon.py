@@ -348,7 +348,8 @@ class Agent:
             await asyncio.sleep(0.01)
         host, port = self.config.api.host, self.config.api.port
         log.info("API listening on http://%s:%d", host, port)
-        self.notify("READY=1", f"STATUS=API on :{port}, loading model")
+        loading = ", loading the model" if self.node.pool.upstreams else ""
+        self.notify("READY=1", f"STATUS=API on :{port}{loading}")
         self._spawn(self._report_readiness(), "readiness")
         interval = self.notify.watchdog_interval()
         if interval:

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-pytest.importorskip("hearth.api.app", reason="the API (hearth.api.app) is not there yet")
+pytest.importorskip("fastapi")
 
 AgentFactory = Any
 RunningAgent = Any  # the fixtures' types live in conftest.py
@@ -112,3 +112,45 @@ def test_unservable_model_reports_error_and_keeps_running(agent_factory: AgentFa
     assert "broken" in json.dumps(body)
     assert agent.process.poll() is None
     assert agent.stop() == 0
+
+
+def test_sd_notify_ready_watchdog_and_stopping_without_systemd_python(tmp_path: Path, free_port: int) -> None:
+    """Under systemd (Type=notify, WatchdogSec) the agent says READY, pets the watchdog and says STOPPING."""
+    import socket
+    import subprocess
+    import sys
+
+    notify = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    listener.settimeout(0.1)
+    config = tmp_path / "hearth.yaml"
+    config.write_text(json.dumps({"api": {"host": "127.0.0.1", "port": free_port}, "state": {"dir": str(tmp_path / "s")},
+                                  "model": {"name": "none"}, "mesh": {"enabled": False}}))
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "400000", "JOURNAL_STREAM": "8:1"}
+    proc = subprocess.Popen([sys.executable, "-m", "hearth", "--config", str(config), "agent"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    messages: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sum("WATCHDOG=1" in m for m in messages) < 2:
+            try:
+                messages.append(listener.recv(4096).decode())
+            except TimeoutError:
+                pass
+        assert httpx.get(f"http://127.0.0.1:{free_port}/health", timeout=5).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    while True:
+        try:
+            messages.append(listener.recv(4096).decode())
+        except TimeoutError:
+            break
+    listener.close()
+    assert proc.returncode == 0, stderr
+    joined = "\n".join(messages)
+    assert "READY=1" in joined and "WATCHDOG=1" in joined and "STOPPING=1" in joined
+    assert joined.index("READY=1") < joined.index("STOPPING=1")
+    # journald-friendly: priority prefixes, no timestamps.
+    assert "<6>hearth.agent: stopped" in stderr.splitlines()
