@@ -194,11 +194,20 @@ class HardwareClass:
     threads: str | int
     models: tuple[str, ...]
 
-    def matches(self, vram: float, ram: float, unified: bool, cores: int) -> bool:
-        """Whether a machine with these figures (GiB, GiB, flag, cores) belongs to this class."""
+    def matches(self, vram: float, ram: float, igpus: Sequence[Gpu], cores: int) -> bool:
+        """Whether a machine with these figures (GiB, GiB, usable iGPUs, cores) belongs to this class."""
         w = self.when
         return (vram >= float(w.get("vram_gib", 0)) and ram >= float(w.get("ram_gib", 0))
-                and (unified or not w.get("unified")) and cores >= int(w.get("cores", 0)))
+                and (not w.get("unified") or self.unified_gpu(igpus) is not None)
+                and cores >= int(w.get("cores", 0)))
+
+    def unified_gpu(self, igpus: Sequence[Gpu]) -> Gpu | None:
+        """The integrated GPU that makes a machine this unified-memory class (``when: unified``)."""
+        wanted = self.when.get("unified")
+        if not wanted:
+            return None
+        ids = {str(i).lower() for i in wanted} if isinstance(wanted, list) else None
+        return next((g for g in igpus if ids is None or g.pci_id.lower() in ids), None)
 
     @property
     def uses_gpu(self) -> bool:
@@ -240,18 +249,18 @@ def offload_possible(report: Report) -> bool:
     return report.llama_cpp.gpu_offload is not False
 
 
-def unified_gpu(report: Report) -> Gpu | None:
-    """An integrated GPU with a working driver (it shares system memory)."""
-    return next((g for g in report.gpus if g.integrated and g.usable), None)
+def integrated_gpus(report: Report) -> tuple[Gpu, ...]:
+    """Integrated GPUs with a working driver (they share system memory)."""
+    return tuple(g for g in report.gpus if g.integrated and g.usable)
 
 
 def classify(report: Report, profiles: Profiles, use_gpus: bool = True) -> HardwareClass:
     """The node's hardware class: the first in profile order that matches."""
     gpus = report.usable_gpus if use_gpus and offload_possible(report) else ()
     vram = sum(g.vram_total or 0 for g in gpus) / GIB
-    unified = use_gpus and unified_gpu(report) is not None
+    igpus = integrated_gpus(report) if use_gpus else ()
     for cls in profiles.classes:
-        if cls.matches(vram, report.memory / GIB, unified, report.cpu.cores):
+        if cls.matches(vram, report.memory / GIB, igpus, report.cpu.cores):
             return cls
     return profiles.classes[-1]
 
@@ -298,8 +307,8 @@ def _budgets(report: Report, cls: HardwareClass) -> list[_Budget]:
         free = sum(g.vram_free if g.vram_free is not None else (g.vram_total or 0) for g in gpus)
         names = gpus[0].name if len(gpus) == 1 else f"{len(gpus)} GPUs ({' + '.join(g.name for g in gpus)})"
         return [_Budget("gpu", free, f"{gib(free)} free VRAM on {names}")]
-    igpu = unified_gpu(report)
-    if cls.when.get("unified") and igpu and offload_possible(report):
+    igpu = cls.unified_gpu(integrated_gpus(report))
+    if igpu and offload_possible(report):
         return [_Budget("unified", report.memory_available,
                         f"{gib(report.memory_available)} free shared memory for the {igpu.name}")]
     return [ram]

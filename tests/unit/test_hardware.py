@@ -246,3 +246,44 @@ def test_api_router_serves_the_report() -> None:
     app.include_router(router)
     data = TestClient(app).get("/hearth/v1/hardware").json()
     assert data["cpu"]["threads"] == os.cpu_count() and isinstance(data["gpus"], list)
+
+
+def _copy(tmp_path: Path, name: str) -> Path:
+    root = tmp_path / name
+    shutil.copytree(MACHINES / name, root, symlinks=True)
+    return root
+
+
+def test_npu_without_its_driver(tmp_path: Path) -> None:
+    root = _copy(tmp_path, "laptop-meteorlake")
+    (root / "sys/devices/pci0000:00/0000:00:0b.0/driver").unlink()
+    shutil.rmtree(root / "sys/class/accel")  # no driver, no accel node
+    (npu,) = probe(root, with_llama=False).npus
+    assert not npu.usable and npu.driver is None
+    assert npu.note == "Intel NPU (Meteor Lake) present but the intel_vpu driver is not loaded"
+
+
+def test_amd_gpu_without_amdgpu(tmp_path: Path) -> None:
+    root = _copy(tmp_path, "desktop-amd")
+    (root / "sys/devices/pci0000:00/0000:00:01.1/0000:03:00.0/driver").unlink()
+    r = probe(root, with_llama=False)
+    dgpu = r.gpus[0]
+    assert not dgpu.usable and "amdgpu driver is not loaded" in (dgpu.note or "")
+    assert r.usable_gpus == ()
+    # With the dGPU unusable the igpu (512 MiB carve-out) must not turn this into a GPU class.
+    from hearth.select import select
+
+    choice = select(r)
+    assert choice is not None and (choice.device, choice.hardware_class) == ("cpu", "cpu-large")
+
+
+def test_broken_backend_is_a_fact_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hearth.hardware.intel import IntelBackend
+
+    def boom(self: object, found: object) -> object:
+        raise RuntimeError("sysfs changed under us")
+
+    monkeypatch.setattr(IntelBackend, "probe", boom)
+    r = machine("minipc-n100")
+    assert fact(r, "intel").reason == "probe failed: sysfs changed under us"
+    assert r.cpu.cores == 4  # the other backends still report

@@ -192,3 +192,20 @@ def test_every_profile_model_is_in_the_catalogue() -> None:
     for cls in PROFILES.classes:
         assert set(cls.models) <= names, cls.name
     assert PROFILES.classes[-1].when == {}  # the last class catches every machine
+
+
+def test_strix_halo_is_a_large_apu() -> None:
+    r = with_memory(machine("amd-apu-strix"), 125.0, 118.0)
+    halo = dataclasses.replace(r.gpus[0], pci_id="1002:1586", name="AMD Radeon 8060S (Strix Halo)")
+    r = dataclasses.replace(r, gpus=(halo,), cpu=dataclasses.replace(r.cpu, cores=16))
+    choice = select(r, catalogue=CATALOGUE, profiles=PROFILES)
+    assert choice is not None
+    assert (choice.hardware_class, choice.model.name, choice.device, choice.context) == \
+        ("apu-large", "qwen2.5-32b-instruct", "unified", 16384)
+
+
+def test_weak_igpu_does_not_make_an_apu_machine() -> None:
+    r = with_memory(machine("minipc-n100"), 31.0, 28.0)  # N100 UHD iGPU, 32 GB
+    r = dataclasses.replace(r, cpu=dataclasses.replace(r.cpu, cores=8))
+    choice = select(r, catalogue=CATALOGUE, profiles=PROFILES)
+    assert choice is not None and (choice.hardware_class, choice.device) == ("cpu-large", "cpu")
