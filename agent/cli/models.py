@@ -62,13 +62,13 @@ def run_list(args: argparse.Namespace) -> int:
         return 0
     if args.json:
         print_json([m.to_dict() for m in stored])
-        return 0
-    if stored:
+    elif stored:
         print_table(("name", "size", "sha256", "origin", "file"),
                     [(m.name, human_bytes(m.size), (m.sha256 or "-")[:12],
                       m.origin + ("" if m.in_catalogue else " (not in catalogue)"), m.file) for m in stored])
     else:
         print(f"no models in {store.root}; 'hearth models list --catalogue' shows what 'hearth models pull' can fetch")
+    # on stderr, so that --json output stays one document
     for part in partials(store):
         total = f" of {human_bytes(part['total'])}" if part["total"] else ""
         print(f"interrupted download: {part['file']} ({human_bytes(part['bytes'])}{total}); "

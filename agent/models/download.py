@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -270,54 +271,54 @@ def download(store: Store, source: Source | str, file: str | None = None, *, sha
             atomic_write(jpath, json.dumps(journal, indent=2))
         else:
             log.info("resuming %s at %s", file, human_bytes(offset))
-        hasher = hash_file(part, offset)  # the partial's bytes must be in the final hash
+        t = _Transfer(part, offset, hash_file(part, offset), journal.get("total"), progress, should_stop)
         if size:
             store.check_space(max(size - offset, 0))
-        started, session_bytes, failures = time.monotonic(), 0, 0
-        total: int | None = journal.get("total")
+        failures = 0
         while True:
             if should_stop and should_stop():
                 raise DownloadError(f"download of {file} stopped; run it again to resume")
-            before = offset
+            t.sync()
+            before = t.offset
             try:
-                with src.open(offset, journal.get("validator")) as fetch:
-                    if fetch.start == 0 and offset:
-                        offset, hasher = 0, hash_file(part, 0)
-                        part.write_bytes(b"")
-                    total = fetch.total or total
-                    if total is not None and size and size_exact and total != size:
+                with src.open(t.offset, journal.get("validator")) as fetch:
+                    if fetch.start == 0 and t.offset:
+                        t.restart()
+                    t.total = fetch.total or t.total
+                    if t.total is not None and size and size_exact and t.total != size:
                         _discard(part, jpath)
-                        raise DownloadError(f"{src.key}: the server offers {total} bytes, expected {size}",
+                        raise DownloadError(f"{src.key}: the server offers {t.total} bytes, expected {size}",
                                             hint="the file on the server changed; check the catalogue entry")
-                    if (fetch.validator, total) != (journal.get("validator"), journal.get("total")):
-                        journal.update(validator=fetch.validator, total=total)
+                    if (fetch.validator, t.total) != (journal.get("validator"), journal.get("total")):
+                        journal.update(validator=fetch.validator, total=t.total)
                         atomic_write(jpath, json.dumps(journal, indent=2))
-                    if total is not None and total - offset > 0 and not size:
-                        store.check_space(total - offset)
+                    if t.total is not None and t.total - t.offset > 0 and not size:
+                        store.check_space(t.total - t.offset)
                     if not fetch.complete:
-                        offset, n = _write(store, part, fetch.chunks, offset, hasher, total, progress,
-                                           started, session_bytes, should_stop)
-                        session_bytes += n
+                        t.write(store, fetch.chunks)
             except (httpx.TransportError, httpx.StreamError) as e:
-                failures = 0 if offset > before else failures + 1
+                failures = 0 if t.offset > before else failures + 1
                 if failures > retries:
                     raise DownloadError(f"download of {file} failed: {e or type(e).__name__}",
                                         hint="run the same command again: it resumes where it stopped") from None
-                log.warning("download of %s interrupted at %s (%s); resuming", file, human_bytes(offset), e)
+                log.warning("download of %s interrupted at %s (%s); resuming", file, human_bytes(t.offset), e)
                 time.sleep(min(retry_delay * 2 ** max(failures - 1, 0), 10.0))
                 continue
-            if total is None or offset == total:
+            if t.total is None or t.offset == t.total:
                 break
-            if offset > total:
+            if t.offset > t.total:
                 _discard(part, jpath)
-                raise DownloadError(f"{src.key}: got more bytes than the file has ({offset} > {total})")
-            failures = 0 if offset > before else failures + 1  # connection closed early: resume
+                raise DownloadError(f"{src.key}: got more bytes than the file has ({t.offset} > {t.total})")
+            if should_stop and should_stop():
+                continue
+            failures = 0 if t.offset > before else failures + 1  # connection closed early: resume
             if failures > retries:
-                raise DownloadError(f"download of {file} keeps stopping at {human_bytes(offset)} of {human_bytes(total)}",
+                raise DownloadError(f"download of {file} keeps stopping at {human_bytes(t.offset)} of {human_bytes(t.total)}",
                                     hint="run the same command again later: it resumes where it stopped")
             time.sleep(min(retry_delay * 2 ** max(failures - 1, 0), 10.0))
+        t.sync()
         try:
-            model = store.accept(part, file, hasher.hexdigest(), expected, source=src.key,
+            model = store.accept(part, file, t.hasher.hexdigest(), expected, source=src.key,
                                  origin="downloaded", entry=entry)
         except HashMismatchError:
             with contextlib.suppress(FileNotFoundError):
@@ -331,31 +332,51 @@ def download(store: Store, source: Source | str, file: str | None = None, *, sha
         return model
 
 
-def _write(store: Store, part: Path, chunks: Iterator[bytes], offset: int, hasher: Any, total: int | None,
-           progress: ProgressFn | None, started: float, session_bytes: int,
-           should_stop: Callable[[], bool] | None) -> tuple[int, int]:
-    written = 0
-    try:
-        with open(part, "ab") as f:
-            try:
+@dataclass
+class _Transfer:
+    """The state of one download: the partial file, how many bytes of it are hashed, progress."""
+
+    part: Path
+    offset: int
+    hasher: Any
+    total: int | None
+    progress: ProgressFn | None
+    should_stop: Callable[[], bool] | None
+    started: float = field(default_factory=time.monotonic)
+    session_bytes: int = 0
+
+    def sync(self) -> None:
+        """Make the partial file hold exactly the hashed bytes (a failed write may have left a tail)."""
+        size = _size(self.part)
+        if size > self.offset:
+            os.truncate(self.part, self.offset)
+        elif size < self.offset:
+            self.offset, self.hasher = size, hash_file(self.part, size)
+
+    def restart(self) -> None:
+        """The source starts over from byte 0: drop what we have."""
+        self.part.write_bytes(b"")
+        self.offset, self.hasher = 0, hash_file(self.part, 0)
+
+    def write(self, store: Store, chunks: Iterator[bytes]) -> None:
+        """Append *chunks* to the partial, hashing and reporting as they come."""
+        try:
+            with open(self.part, "ab", buffering=0) as f:
                 for chunk in chunks:
-                    f.write(chunk)
-                    hasher.update(chunk)
-                    offset += len(chunk)
-                    written += len(chunk)
-                    if progress:
-                        progress(offset, total, (session_bytes + written) / max(time.monotonic() - started, 1e-6))
-                    if should_stop and should_stop():
+                    f.write(chunk)  # unbuffered: what is counted below is what the kernel took
+                    self.hasher.update(chunk)
+                    self.offset += len(chunk)
+                    self.session_bytes += len(chunk)
+                    if self.progress:
+                        rate = self.session_bytes / max(time.monotonic() - self.started, 1e-6)
+                        self.progress(self.offset, self.total, rate)
+                    if self.should_stop and self.should_stop():
                         break
-            finally:
-                f.flush()
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            # keep the hidden partial (its bytes on disk are always a correct prefix: a resume re-hashes
-            # them): after freeing space the same command resumes from here
-            raise store.no_space((total - offset) if total else None) from None
-        raise
-    return offset, written
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                # keep the hidden partial: after freeing space the same command resumes from here
+                raise store.no_space((self.total - self.offset) if self.total else None) from None
+            raise
 
 
 def _size(p: Path) -> int:
