@@ -57,7 +57,7 @@ def print_report(report: Any) -> None:
 
     cpu = report.cpu
     rows: list[tuple[str, ...]] = [
-        ("cpu", cpu.model, f"{cpu.cores} cores, {cpu.threads} threads", " ".join(cpu.flags) or "-"),
+        ("cpu", cpu.model, f"{cpu.cores} cores, {cpu.threads} threads", _vector_units(cpu.flags)),
         ("memory", "RAM", f"{gib(report.memory)} total", f"{gib(report.memory_available)} available"),
     ]
     notes: list[str] = []
@@ -93,3 +93,12 @@ def print_report(report: Any) -> None:
     print_table(("backend", "found", "reason"),
                 [(b.backend, f"{b.devices} device{'s' if b.devices != 1 else ''}" if b.available else "no",
                   b.reason or "") for b in report.backends])
+
+
+def _vector_units(flags: tuple[str, ...]) -> str:
+    """The CPU's vector extensions in the words people use (the JSON has the raw flags)."""
+    have = set(flags)
+    names = [label for flag, label in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX512-VNNI"),
+                                       ("avx_vnni", "AVX-VNNI"), ("amx_tile", "AMX"), ("asimd", "NEON"), ("sve", "SVE"))
+             if flag in have]
+    return " ".join(names) or ("AVX" if "avx" in have else "no AVX (slowest llama.cpp variant)")
