@@ -153,7 +153,8 @@ async def _stream(mesh: MeshService, ups: list[Any], req: GenerationRequest) -> 
                     return
         except UpstreamError as e:
             if got or not e.before_first_token or i == len(ups) - 1:
-                yield json.dumps({"type": "error", "message": e.message, "status": e.status}).encode() + b"\n"
+                yield json.dumps({"type": "error", "message": e.message, "status": e.status,
+                                  "retry_after": e.retry_after}).encode() + b"\n"
                 return
             continue
         yield json.dumps({"type": "error", "message": "the worker ended without finishing", "status": 502}).encode() + b"\n"

@@ -77,6 +77,9 @@ class PeerUpstream:
         self.node = peer.node
         self.model = model
         self.client = client
+        self.inflight = 0
+        """Requests this node is streaming from the peer now: the published queue lags by up to a poll,
+        so without them a burst of requests would all pick the same peer."""
 
     def __repr__(self) -> str:
         return f"PeerUpstream({self.peer.name}/{self.node}, {self.model})"
@@ -84,7 +87,8 @@ class PeerUpstream:
     def load(self) -> UpstreamLoad:
         """The load the peer last published for this model."""
         m = self.peer.model_state(self.model) or {}
-        return UpstreamLoad(queued=int(m.get("queued", 0)), capacity=int(m.get("capacity", 1)),
+        queued = max(int(m.get("queued", 0)), self.inflight)
+        return UpstreamLoad(queued=queued, capacity=int(m.get("capacity", 1)),
                             tokens_per_second=float(m.get("tokens_per_second", 0.0)), loaded=bool(m.get("loaded")))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
@@ -99,6 +103,7 @@ class PeerUpstream:
         headers = self.client.headers("POST", url, body) | {"Content-Type": "application/json"}
         got_token = False
         timeout = httpx.Timeout(connect=2.0, read=None, write=5.0, pool=2.0)
+        self.inflight += 1
         try:
             async with self.client.http.stream("POST", url, content=body, headers=headers, timeout=timeout) as resp:
                 if resp.status_code != 200:
@@ -122,6 +127,8 @@ class PeerUpstream:
                                        int(ev.get("completion_tokens", 0)), served_by=ev.get("served_by") or self.node)
                         return
                     elif kind == "error":
+                        if int(ev.get("status", 502)) == 429 and not got_token:
+                            raise QueueFull(self.model, retry_after=float(ev.get("retry_after") or 1.0))
                         raise UpstreamError(f"peer {self.peer.name}: {ev.get('message', 'error')}",
                                             status=int(ev.get("status", 502)), before_first_token=not got_token)
         except httpx.HTTPError as e:
@@ -130,6 +137,8 @@ class PeerUpstream:
         except (ValueError, KeyError) as e:
             raise UpstreamError(f"peer {self.peer.name} sent a bad event: {e}", status=502,
                                 before_first_token=not got_token) from None
+        finally:
+            self.inflight -= 1
 
     async def _next(self, lines: AsyncIterator[str], limit: float) -> str | None:
         """The next line, or an UpstreamError when the peer is dropped or silent for *limit* seconds."""
@@ -169,6 +178,8 @@ def _error_from_answer(name: str, resp: httpx.Response) -> UpstreamError:
     except ValueError:
         message = resp.text
     if resp.status_code == 429:
-        return QueueFull(str(message), retry_after=float(resp.headers.get("Retry-After", 1)))
+        err = QueueFull(name, retry_after=float(resp.headers.get("Retry-After", 1)))
+        err.message = f"peer {name}: {message}"
+        return err
     return UpstreamError(f"peer {name} answered {resp.status_code}: {message}", status=resp.status_code,
                          before_first_token=True)
