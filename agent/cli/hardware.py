@@ -20,10 +20,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Probe and print."""
-    from ..errors import HearthError
+    import os
+
+    from ..errors import HearthError, UsageError
     from ..hardware import probe
     from ..select import select
 
+    if not os.path.isdir(args.root):
+        raise UsageError(f"--root {args.root}: no such directory", hint="give a machine tree such as tests/fixtures/machines/minipc-n100")
     report = probe(args.root, with_llama=not args.no_llama)
     choice: Any = None
     problem = None

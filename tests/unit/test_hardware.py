@@ -287,3 +287,20 @@ def test_broken_backend_is_a_fact_not_a_crash(monkeypatch: pytest.MonkeyPatch) -
     r = machine("minipc-n100")
     assert fact(r, "intel").reason == "probe failed: sysfs changed under us"
     assert r.cpu.cores == 4  # the other backends still report
+
+
+def test_cli_bad_root(capsys: pytest.CaptureFixture[str]) -> None:
+    from hearth.cli import main
+
+    assert main(["hardware", "--root", "/no/such/machine"]) == 2
+    assert "hearth: error: --root /no/such/machine: no such directory" in capsys.readouterr().err
+
+
+def test_llama_cpp_here_is_cpu_only() -> None:
+    """The default image's llama.cpp (the wheel in .venv) has CPU backends only: the report must say so."""
+    pytest.importorskip("llama_cpp")
+    r = probe("/")
+    assert r.llama_cpp.available, r.llama_cpp.reason
+    assert r.llama_cpp.gpu_offload is False
+    assert any(d["type"] == "cpu" for d in r.llama_cpp.devices)
+    assert fact(r, "llama.cpp").reason == "this llama.cpp build has no GPU backend (CPU only)"
