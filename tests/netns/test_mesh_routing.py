@@ -1,0 +1,105 @@
+"""Routing across the household with a real model (Gemma 3 270M) in network namespaces.
+
+A serves no model; C serves Gemma. A request to A is streamed from C; then B starts serving Gemma too,
+C is killed, A drops it within 5 s and a request fails over to B; a peer dying mid-stream ends the
+client's stream with an error quickly, never a hang.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+from meshlab import PYTHON, ROOT, Agent, openai_stream, wait_for
+
+pytest.importorskip("llama_cpp", reason="the routing tests serve a real model through llama-cpp-python")
+
+SECRET = bytes(range(1, 33))
+LOCAL = "http://127.0.0.1:8080"
+PROMPT = "Write a short story about a lighthouse keeper."
+
+
+def loaded_on(agent: Agent, peer: str) -> list[str]:
+    """Models *agent* sees loaded on *peer*."""
+    for p in agent.view()["peers"]:
+        if p["name"] == peer:
+            return p["models"]
+    return []
+
+
+@pytest.fixture(scope="module")
+def nodes(lan, tmp_path_factory, gemma_path):
+    """A (no model), C (Gemma); B (Gemma) is started by a test."""
+    base = tmp_path_factory.mktemp("routing")
+    a = Agent(lan.add(), "hearth-a", base / "A", SECRET)
+    b = Agent(lan.add(), "hearth-b", base / "B", SECRET, model=gemma_path.name, store=(gemma_path,))
+    c = Agent(lan.add(), "hearth-c", base / "C", SECRET, model=gemma_path.name, store=(gemma_path,))
+    nodes = {"A": a, "B": b, "C": c, "model": gemma_path.stem}
+    try:
+        for n in (a, c):
+            n.start()
+        for n in (a, c):
+            n.wait_up(120)
+        wait_for(lambda: nodes["model"] in loaded_on(a, "hearth-c"), timeout=120, interval=0.2)
+        yield nodes
+    finally:
+        for n in (a, b, c):
+            n.stop()
+
+
+def test_request_to_a_for_a_model_only_c_has_is_streamed_from_c(nodes):
+    a, c, model = nodes["A"], nodes["C"], nodes["model"]
+    assert a.view()["self"]["models"] == []  # A serves nothing itself
+    through_a = openai_stream(a.ns, LOCAL, model, PROMPT, max_tokens=32)
+    assert len(through_a["chunks"]) > 5, through_a  # streamed, chunk by chunk
+    direct = openai_stream(c.ns, LOCAL, model, PROMPT, max_tokens=32)
+    assert "".join(through_a["chunks"]) == "".join(direct["chunks"])  # temperature 0: the same text
+    # /v1/models on A lists the household's model, though A has none.
+    res = subprocess.run(["ip", "netns", "exec", a.ns.name, PYTHON, "-c",
+                          f"import httpx; print(httpx.get('{LOCAL}/v1/models').text)"],
+                         capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert model in res.stdout, res.stdout + res.stderr
+
+
+def test_killed_peer_is_dropped_within_5_s_and_the_request_fails_over(nodes):
+    a, b, c, model = nodes["A"], nodes["B"], nodes["C"], nodes["model"]
+    b.start()
+    b.wait_up(120)
+    wait_for(lambda: model in loaded_on(a, "hearth-b"), timeout=120, interval=0.2)
+    c.kill()
+    killed = time.monotonic()
+    # At once, before A has noticed: whichever of B and C the router picks, the answer comes (from B).
+    result = openai_stream(a.ns, LOCAL, model, PROMPT, max_tokens=16)
+    assert len(result["chunks"]) > 3
+    wait_for(lambda: "hearth-c" not in a.peer_names(), timeout=6)
+    assert time.monotonic() - killed <= 5.0
+
+
+def test_peer_dying_mid_stream_ends_the_stream_with_an_error_not_a_hang(nodes):
+    a, b, model = nodes["A"], nodes["B"], nodes["model"]
+    code = f"""
+import openai, sys
+c = openai.OpenAI(base_url="{LOCAL}/v1", api_key="none", max_retries=0, timeout=60)
+try:
+    n = 0
+    for ch in c.chat.completions.create(model={model!r}, messages=[{{"role": "user", "content": {PROMPT!r}}}],
+                                         max_tokens=1000, temperature=0, stream=True):
+        if ch.choices and ch.choices[0].delta.content:
+            n += 1
+            if n == 3:
+                print("streaming", flush=True)
+        if ch.choices and ch.choices[0].finish_reason:
+            print("finished", ch.choices[0].finish_reason, n, flush=True)
+except Exception as e:
+    print("error", type(e).__name__, e, flush=True)
+"""
+    proc = subprocess.Popen(["ip", "netns", "exec", a.ns.name, PYTHON, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "streaming"
+    b.kill()
+    killed = time.monotonic()
+    out, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - killed < 10
+    assert out.startswith("error") or "finished error" in out, out
