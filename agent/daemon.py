@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -108,27 +110,39 @@ def setup_logging(level: str = "info") -> None:
 # --- model choice ---------------------------------------------------------------------------------------
 
 
-def resolve_model(config: Config) -> tuple[str, Path, dict[str, Any]] | None:
-    """(name, file, load options) for the model this node serves, or None for ``model.name: none``."""
-    name = config.model.name.strip()
+def resolve_model(config: Config, report: Any = None) -> tuple[str, Path, dict[str, Any]] | None:
+    """(name, file, load options) for the model this node serves, or None for ``model.name: none``.
+
+    A path to a GGUF file is served as is. Otherwise the profile selection (hearth.select) picks the
+    model, context, threads and offload for this hardware (*report*), and the store finds its file.
+    """
+    name = config.model.name.strip() or "auto"
     options: dict[str, Any] = {"context": config.model.context, "threads": config.model.threads,
                                "gpu_layers": config.model.gpu_layers, "chat_format": config.model.chat_format}
     if name == "none":
         return None
-    if name in ("", "auto"):
-        chosen = _profile_choice(config)
-        if chosen is None:
-            files = _store_files(config)
-            if len(files) != 1:
-                raise StartupError("model.name is 'auto' but no profile chose a model"
-                                   + (f" and the store has {len(files)} models" if files else " and the store is empty"),
-                                   hint="set model.name in hearth.yaml, or 'hearth models import FILE'")
-            return files[0].stem, files[0], options
-        name, profile_options = chosen
-        options = {**profile_options, **{k: v for k, v in options.items() if v not in (0, -1, "")}}
-    path = find_model_file(config, name)
-    served = path.stem if ("/" in name or name.endswith(".gguf")) else name
-    return served, path, options
+    as_path = Path(name).expanduser()
+    if ("/" in name or name.endswith(".gguf")) and as_path.is_file():
+        return as_path.stem, as_path.resolve(), options
+    try:
+        from . import select
+    except ImportError:
+        select = None  # type: ignore[assignment]
+    if select is not None and report is not None:
+        choice = select.select(report, config)
+        if choice is None:
+            return None
+        log.info("model: %s", choice.reason)
+        options.update(context=choice.context, threads=choice.threads, gpu_layers=choice.gpu_layers)
+        return choice.model.name, find_model_file(config, choice.model.name), options
+    if name == "auto":
+        files = _store_files(config)
+        if len(files) != 1:
+            raise StartupError("model.name is 'auto' but no profile chose a model"
+                               + (f" and the store has {len(files)} models" if files else " and the store is empty"),
+                               hint="set model.name in hearth.yaml, or 'hearth models import FILE'")
+        return files[0].stem, files[0], options
+    return name, find_model_file(config, name), options
 
 
 def find_model_file(config: Config, name: str) -> Path:
@@ -156,27 +170,28 @@ def _store_files(config: Config) -> list[Path]:
         return []
 
 
-def _profile_choice(config: Config) -> tuple[str, dict[str, Any]] | None:
-    """The hardware engineer's profile selection, when it is installed: (model name, load options)."""
+def llama_devices_in_subprocess(timeout: float = 60.0) -> list[dict[str, Any]]:
+    """llama.cpp's devices, asked in a child process: GPU runtimes stay out of the agent, and a driver
+    that crashes while probing takes only the child down."""
+    code = "import json; from hearth import llamacpp; print(json.dumps(llamacpp.devices()))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    if run.returncode != 0:
+        lines = (run.stderr.strip() or f"exit status {run.returncode}").splitlines()
+        raise RuntimeError(lines[-1])
+    return list(json.loads(run.stdout.strip().splitlines()[-1]))
+
+
+def probe_hardware() -> Any:
+    """The hardware report (hearth.hardware), or None when that part is not installed."""
     try:
-        from . import hardware, profiles_select  # type: ignore[attr-defined,unused-ignore]
+        from . import hardware
     except ImportError:
         return None
     try:
-        report = hardware.probe(with_llama=False)
-        choose = getattr(profiles_select, "choose", None) or profiles_select.select
-        choice = choose(report, config)
-    except Exception as e:  # no profile is a warning, never a crash
-        log.warning("profile selection failed: %s", e)
+        return hardware.probe(llama_devices=llama_devices_in_subprocess)
+    except Exception as e:  # a probe failure is a warning: a model named in the config still serves
+        log.warning("hardware probe failed: %s", e)
         return None
-    if choice is None:
-        return None
-    model = getattr(choice, "model", None) or getattr(choice, "name", None)
-    if not isinstance(model, str):
-        return None
-    opts = {k: getattr(choice, k) for k in ("context", "threads", "gpu_layers", "chat_format") if hasattr(choice, k)}
-    log.info("profile chose %s%s", model, f": {choice.reason}" if getattr(choice, "reason", None) else "")
-    return model, opts
 
 
 # --- the node -------------------------------------------------------------------------------------------
@@ -194,14 +209,27 @@ class Node:
         self.run_dir = Path(os.environ.get("RUNTIME_DIRECTORY") or self.state_dir / "run")
         self.pool = Pool(self.run_dir, queue_depth=config.api.queue_depth)
         self.mesh: Any = None
+        self.report: Any = None
+        """The hardware report (hearth.hardware.Report) once probed."""
+        self._probe: asyncio.Task[Any] | None = None
         self.warnings: list[str] = []
         self.error: str | None = None
         self.started = time.time()
 
-    def start_models(self) -> None:
-        """Resolve the model and start its worker (loading continues in the background)."""
+    async def start_models(self) -> None:
+        """Probe the hardware, choose the model and start its worker (loading goes on in the background)."""
+        name = self.config.model.name.strip()
+        direct = name == "none" or (("/" in name or name.endswith(".gguf")) and Path(name).expanduser().is_file())
+        probing = asyncio.get_running_loop().create_task(asyncio.to_thread(probe_hardware), name="probe")
+        self._probe = probing  # a strong reference until it is done
+        if not direct:
+            self.report = await probing
+        else:
+            # The model is named by its file: serve it now, keep the report for /hearth/v1/hardware and
+            # the offload check when it comes.
+            probing.add_done_callback(self._got_report)
         try:
-            chosen = resolve_model(self.config)
+            chosen = await asyncio.to_thread(resolve_model, self.config, self.report)
         except HearthError as e:
             self.error = e.message + (f" ({e.hint})" if e.hint else "")
             log.error("%s", self.error)
@@ -213,6 +241,24 @@ class Node:
         log.info("serving %s from %s", name, path)
         upstream = self.pool.add(name, path, **options)
         self.routing.add_upstream(upstream)
+
+    def _got_report(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self.report = task.result()
+
+    def check_offload(self) -> None:
+        """Say loudly when a usable GPU sits idle while a loaded model runs on the CPU."""
+        try:
+            from .hardware.offload import offload_warning
+        except ImportError:
+            return
+        for up in self.pool.upstreams.values():
+            if self.report is None or up.worker.state != "ready":
+                continue
+            warning = offload_warning(self.report, up.worker.info.get("offload"))
+            if warning and warning not in self.warnings:
+                self.warnings.append(warning)
+                log.warning("%s", warning)
 
     async def start_mesh(self) -> None:
         """Join the household mesh when it is enabled and set up; otherwise say why not."""
@@ -331,8 +377,12 @@ class Agent:
         except OSError as e:
             raise StartupError(f"cannot create the state directory {self.config.state.dir}: {e}",
                                hint="run as root or set state.dir in hearth.yaml") from None
-        self.node.start_models()
+        await self.node.start_models()
         await self.node.start_mesh()
+        with contextlib.suppress(ImportError):
+            from .hardware.api import router as hardware_router
+
+            self.node.extra_routers.append(hardware_router)
         app = create_app(self.node)
         sock = self._bind()
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="auto",
@@ -428,6 +478,7 @@ class Agent:
                 self.notify(f"STATUS={h['status']}: {states}")
                 if h["status"] == "ready":
                     log.info("ready: %s", states)
+                    self.node.check_offload()
             await asyncio.sleep(0.5)
 
     async def _watchdog(self, interval: float) -> None:
