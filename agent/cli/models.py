@@ -90,6 +90,11 @@ def run_pull(args: argparse.Namespace) -> int:
     from ..models.download import pull
 
     store = _store(args)
+    entry = store.catalogue.get(args.model)
+    already = store.find(entry.file if entry else args.model.rsplit("/", 1)[-1])
+    if already and not args.sha256:
+        print(f"{already.name} is already in the store: {already.path}")
+        return 0
     with Progress(f"pulling {args.model}") as bar:
         m = pull(store, args.model, sha256=args.sha256, progress=bar)
     print(f"{m.name} is in the store: {m.path} (sha256 {m.sha256 or 'not recorded'})")
@@ -113,7 +118,7 @@ class Progress:
         self.tty = self.stream.isatty()
         self.interval = interval if not self.tty else 0.1
         self.last = 0.0
-        self.shown = False
+        self.shown = self.finished = False
 
     def __enter__(self) -> Progress:
         return self
@@ -129,11 +134,11 @@ class Progress:
 
         now = time.monotonic()
         final = total is not None and done >= total
-        if now - self.last < self.interval and not final:
+        if self.shown and now - self.last < self.interval and not final:
             return
-        if final and self.shown and not self.tty:
+        if final and self.finished:
             return
-        self.last, self.shown = now, True
+        self.last, self.shown, self.finished = now, True, final
         speed = f"{human_bytes(rate)}/s"
         if total:
             frac = min(done / total, 1.0)

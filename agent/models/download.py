@@ -34,7 +34,7 @@ import httpx
 
 from ..fsutil import atomic_write
 from .catalogue import CatalogueEntry
-from .errors import DownloadError, HashMismatchError, ModelNotInStore, NoSpaceError
+from .errors import DownloadError, HashMismatchError, ModelNotInStore, ModelStoreError, NoSpaceError
 from .store import ProgressFn, Store, StoredModel, hash_file, human_bytes
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,9 @@ def download(store: Store, source: Source | str, file: str | None = None, *, sha
         size, size_exact = entry.size_bytes, entry.size_exact
     existing = store.find(file)
     if existing:
+        if expected and existing.sha256 and existing.sha256 != expected:
+            raise ModelStoreError(f"{file} is already in the store with a different sha256 ({existing.sha256[:16]}...)",
+                                  hint=f"hearth models rm {file} first to replace it")
         return existing
     store.ensure()
     with store.lock(file):
