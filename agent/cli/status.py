@@ -59,7 +59,7 @@ def _print(health: dict[str, Any], models: dict[str, Any], api_url: str) -> None
             if info.get("queued") is not None and info.get("capacity"):
                 line += f", {info['queued']}/{info['capacity']} busy"
             if info.get("offload"):
-                line += f", offload: {info['offload']}"
+                line += f", {_offload_text(info['offload'])}"
             if info.get("restarts"):
                 line += f", {info['restarts']} restarts"
         rows.append(("model", f"{name} ({line.strip(', ')})" if line else name))
@@ -73,3 +73,14 @@ def _print(health: dict[str, Any], models: dict[str, Any], api_url: str) -> None
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key.ljust(width)}  {value}")
+
+
+def _offload_text(offload: Any) -> str:
+    """'12/25 layers on GPU' or 'CPU (haswell)': where the model runs."""
+    if not isinstance(offload, dict):
+        return f"offload: {offload}"
+    done, total = offload.get("layers_offloaded"), offload.get("layers_total")
+    variant = offload.get("cpu_variant")
+    if done:
+        return f"{done}/{total} layers on GPU"
+    return f"CPU ({variant})" if variant else "CPU"
