@@ -7,7 +7,6 @@ runs the wizard again. ``apply()`` runs them all.
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import logging
 import os
@@ -304,16 +303,9 @@ def write_marker(root: Path, cfg: Config) -> str:
 
 
 def _import_model(path: Path, store_dir: Path) -> str:
-    """Copy a GGUF into the model store through hearth.models; returns the name to serve."""
-    try:
-        store = importlib.import_module("hearth.models.store")  # lands with the model store; may be absent
-    except ImportError as e:
-        raise SetupError(f"cannot import {path.name}: the model store is not available ({e})",
-                         hint="copy the file into /var/lib/hearth/models and set model.name") from None
-    fn = getattr(store, "import_file", None) or getattr(store, "import_gguf", None)
-    if fn is None:
-        raise SetupError(f"cannot import {path.name}: the model store has no import function",
-                         hint="copy the file into /var/lib/hearth/models and set model.name")
-    result = fn(path, store_dir)
-    return str(getattr(result, "name", None) or result)
+    """Copy a GGUF (from a USB drive) into the model store, verified, through hearth.models; its name to serve."""
+    from ..models.store import Store
 
+    if store_dir.exists() and any(m.path.name == path.name for m in Store(store_dir).list()):
+        return path.stem  # imported on an earlier run
+    return Store(store_dir).import_file(path).name
