@@ -179,3 +179,20 @@ def test_model_copied_from_a_peer_arrives_intact_after_one_interruption(mesh, ge
     # B now offers the model to the household too.
     wait_for(lambda: any(gemma_path.name in (p.get("files") or []) for p in mesh["A"].view()["peers"]
                          if p["name"] == "hearth-b"), timeout=5)
+
+
+def test_join_code_is_checked_live_against_a_peer(mesh, tmp_path):
+    """The wizard's "joining checks the code live": right code yes, another household's no, a typo never leaves."""
+    from hearth.mesh import household
+
+    a = mesh["A"]
+    good = household.code_for(SECRET)
+    assert household.check_code_with_peer(good, a.url) is True
+    assert household.check_code_with_peer(household.code_for(bytes(32)), a.url) is False
+    typo = good[:-1] + ("0" if good[-1] != "0" else "1")
+    with pytest.raises(household.InvalidCode):
+        household.check_code_with_peer(typo, "http://192.0.2.1:9")  # caught before any traffic
+    joined = household.join_via_peer(tmp_path, good, a.url)
+    assert joined.secret == SECRET
+    with pytest.raises(household.HouseholdError, match="cannot reach"):
+        household.check_code_with_peer(good, f"http://{a.ns.address}:9")
