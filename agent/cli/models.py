@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pull = acts.add_parser("pull", help="download a catalogue model or a .gguf URL (resumes an interrupted one)")
     pull.add_argument("model", metavar="NAME_OR_URL", help="catalogue name (gemma3-4b) or https URL of a .gguf")
     pull.add_argument("--sha256", help="the file's expected sha256 (for URLs)")
+    pull.add_argument("--no-lan", action="store_true", help="do not try to copy it from a household peer first")
     pull.set_defaults(func=run_pull)
 
     rm = acts.add_parser("rm", help="remove a model (and any partial download of it)")
@@ -95,10 +96,31 @@ def run_pull(args: argparse.Namespace) -> int:
     if already and not args.sha256:
         print(f"{already.name} is already in the store: {already.path}")
         return 0
+    if entry and not args.no_lan:
+        lan = _pull_from_lan(args, entry.name)
+        if lan is not None:
+            print(f"{lan.name} is in the store: {lan.path} (copied from a household peer, sha256 {lan.sha256})")
+            return 0
     with Progress(f"pulling {args.model}") as bar:
         m = pull(store, args.model, sha256=args.sha256, progress=bar)
     print(f"{m.name} is in the store: {m.path} (sha256 {m.sha256 or 'not recorded'})")
     return 0
+
+
+def _pull_from_lan(args: argparse.Namespace, name: str):  # type: ignore[no-untyped-def]
+    """Copy *name* from a household peer when one has it (faster than the internet); None otherwise."""
+    from ..errors import HearthError
+
+    try:
+        from ..mesh.copy import pull_from_peers
+    except ImportError:  # a node without the mesh parts
+        return None
+    try:
+        with Progress(f"copying {name} from a peer") as bar:
+            return pull_from_peers(load_config(args), name, progress=bar)
+    except HearthError as e:
+        print(f"copy from a peer failed ({e.message}); downloading instead", file=sys.stderr)
+        return None
 
 
 def run_rm(args: argparse.Namespace) -> int:
