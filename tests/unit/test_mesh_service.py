@@ -1,0 +1,181 @@
+"""The mesh API and peer upstreams in one process: two nodes over an in-memory ASGI transport."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from hearth import config as config_mod
+from hearth.mesh import household
+from hearth.mesh.client import MeshClient, PeerRefused
+from hearth.mesh.peers import Peer, PeerUpstream
+from hearth.mesh.service import MeshService, parse_peer
+from hearth.serving.router import Router
+from hearth.serving.types import (
+    Finished,
+    GenerationRequest,
+    QueueFull,
+    TokenChunk,
+    UpstreamError,
+    UpstreamLoad,
+)
+
+SECRET = b"h" * 32
+
+
+class FakeUpstream:
+    """A local worker that streams a fixed text, or fails."""
+
+    node = "local"
+
+    def __init__(self, model: str, fail: UpstreamError | None = None) -> None:
+        self.model = model
+        self.fail = fail
+        self.seen: list[GenerationRequest] = []
+
+    def load(self) -> UpstreamLoad:
+        return UpstreamLoad(queued=0, capacity=4, tokens_per_second=10.0)
+
+    async def generate(self, request: GenerationRequest):
+        self.seen.append(request)
+        if self.fail:
+            raise self.fail
+        for word in ("hello ", "from ", "the ", "peer"):
+            yield TokenChunk(word)
+        yield Finished("stop", 3, 4, served_by="local")
+
+    async def embed(self, model, inputs):
+        return [[1.0, 2.0] for _ in inputs], len(inputs)
+
+
+def _node(tmp_path, name, upstreams, secret=SECRET):
+    cfg = config_mod.from_dict({"node": {"name": name}, "state": {"dir": str(tmp_path / name)},
+                                "mesh": {"discovery": False}})
+    router = Router()
+    for up in upstreams:
+        router.add_upstream(up)
+    mesh = MeshService(cfg, router, household=household.Household(secret))
+    app = FastAPI()
+    app.include_router(mesh.api_router())
+    return mesh, router, app
+
+
+def _client_to(app, mesh_from: MeshService) -> MeshClient:
+    client = MeshClient(mesh_from.identity, mesh_from.household.secret, mesh_from.name, 8080)
+    client.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://peer")
+    return client
+
+
+async def _peer(tmp_path, upstreams, secret=SECRET):
+    """Node B serving *upstreams*, and node A's client and Peer for it after a real hello."""
+    b, _, app = _node(tmp_path, "hearth-b", upstreams, secret)
+    a, router_a, _ = _node(tmp_path, "hearth-a", [])
+    client = _client_to(app, a)
+    ans = await client.hello("http://peer")
+    state = await client.state("http://peer", ans.node)
+    peer = Peer(node=ans.node, name=ans.name, url="http://peer", host="test", source="manual", state=state)
+    return a, b, client, peer
+
+
+async def test_hello_proves_identity_and_state_lists_local_models(tmp_path):
+    a, b, client, peer = await _peer(tmp_path, [FakeUpstream("gem")])
+    assert peer.node == b.node and peer.name == "hearth-b"
+    assert peer.loaded_models() == ["gem"]
+    assert peer.state["capacity"] == 4
+
+
+async def test_other_household_cannot_say_hello(tmp_path):
+    b, _, app = _node(tmp_path, "hearth-b", [], secret=b"x" * 32)
+    a, _, _ = _node(tmp_path, "hearth-a", [])
+    with pytest.raises(PeerRefused, match="403"):
+        await _client_to(app, a).hello("http://peer")
+
+
+async def test_peer_upstream_streams_and_marks_the_hop(tmp_path):
+    local = FakeUpstream("gem")
+    a, b, client, peer = await _peer(tmp_path, [local])
+    up = PeerUpstream(peer, "gem", client)
+    events = [ev async for ev in up.generate(GenerationRequest(model="gem", kind="completion", prompt="hi"))]
+    assert "".join(e.text for e in events if isinstance(e, TokenChunk)) == "hello from the peer"
+    assert events[-1] == Finished("stop", 3, 4, served_by=b.node)
+    assert local.seen[0].hops == 1
+    assert up.inflight == 0
+
+
+async def test_a_forwarded_request_is_never_forwarded_again(tmp_path):
+    a, b, client, peer = await _peer(tmp_path, [FakeUpstream("gem")])
+    body = json.dumps(GenerationRequest(model="gem", kind="completion", prompt="x", hops=2).to_json()).encode()
+    url = "http://peer/mesh/v1/generate"
+    resp = await client.http.post(url, content=body, headers=client.headers("POST", url, body))
+    assert resp.status_code == 508
+
+
+async def test_unknown_model_and_full_queue_are_errors_the_router_understands(tmp_path):
+    a, b, client, peer = await _peer(tmp_path, [FakeUpstream("gem", fail=QueueFull("gem"))])
+    with pytest.raises(QueueFull):
+        async for _ in PeerUpstream(peer, "gem", client).generate(GenerationRequest(model="gem", kind="chat")):
+            pass
+    with pytest.raises(UpstreamError) as e:
+        async for _ in PeerUpstream(peer, "nope", client).generate(GenerationRequest(model="nope", kind="chat")):
+            pass
+    assert e.value.status == 404 and e.value.before_first_token
+
+
+async def test_unreachable_peer_fails_before_the_first_token_and_the_router_fails_over(tmp_path):
+    a, b, client, peer = await _peer(tmp_path, [FakeUpstream("gem")])
+    dead = Peer(node="dead", name="hearth-dead", url="http://127.0.0.1:9", host="127.0.0.1", source="manual",
+                state={"models": [{"name": "gem", "loaded": True, "queued": 0, "capacity": 8,
+                                   "tokens_per_second": 99.0}]})  # looks best: tried first
+    real_http = client.http
+    dead_client = MeshClient(a.identity, SECRET, a.name, 8080)
+    router = Router()
+    router.add_upstream(PeerUpstream(dead, "gem", dead_client))  # more headroom: tried first
+    router.add_upstream(PeerUpstream(peer, "gem", client))
+    events = [ev async for ev in router.generate(GenerationRequest(model="gem", kind="completion"))]
+    assert isinstance(events[-1], Finished) and events[-1].served_by == b.node
+    assert router.failovers == 1
+    await dead_client.aclose()
+    await real_http.aclose()
+
+
+async def test_a_dropped_peer_ends_its_stream_at_once(tmp_path, free_port):
+    """Over a real socket (the ASGI transport buffers whole answers)."""
+    import uvicorn
+
+    peer = Peer(node="p", name="hearth-p", url=f"http://127.0.0.1:{free_port}", host="h", source="manual")
+
+    class Slow(FakeUpstream):
+        async def generate(self, request):
+            yield TokenChunk("one ")
+            await asyncio.sleep(30)
+            yield Finished("stop", 1, 1)
+
+    b, _, app = _node(tmp_path, "hearth-b", [Slow("gem")])
+    a, _, _ = _node(tmp_path, "hearth-a", [])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    client = MeshClient(a.identity, SECRET, a.name, 8080)
+    try:
+        stream = PeerUpstream(peer, "gem", client).generate(GenerationRequest(model="gem", kind="completion"))
+        assert await stream.__anext__() == TokenChunk("one ")
+        asyncio.get_running_loop().call_later(0.2, peer.gone.set)
+        with pytest.raises(UpstreamError) as e:
+            await asyncio.wait_for(stream.__anext__(), 5)
+        assert not e.value.before_first_token and "dropped" in e.value.message
+    finally:
+        await client.aclose()
+        server.should_exit = True
+        await serving
+
+
+def test_parse_peer():
+    assert parse_peer("10.0.0.2", 8080) == ("10.0.0.2", 8080)
+    assert parse_peer("hearth-7f3a.local:9000", 8080) == ("hearth-7f3a.local", 9000)
+    assert parse_peer("[fe80::1]:81", 8080) == ("fe80::1", 81)
+    assert parse_peer("fe80::1", 8080) == ("fe80::1", 8080)
