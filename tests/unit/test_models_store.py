@@ -200,3 +200,15 @@ def test_real_disk_full_on_a_tiny_tmpfs(tiny_tmpfs: Path, tmp_path: Path, monkey
 
 def test_shipped_catalogue_is_the_default(store: Store) -> None:
     assert store.catalogue.names() == load_catalogue().names()
+
+
+def test_one_writer_per_file(store: Store, tmp_path: Path) -> None:
+    from hearth.models.errors import StoreBusyError
+
+    src = make_gguf(tmp_path / "m.gguf")
+    with store.lock("m.gguf"):  # another process downloading or importing the same file
+        with pytest.raises(StoreBusyError, match="being downloaded or imported by another process"):
+            store.import_file(src)
+        with pytest.raises(StoreBusyError):
+            store.remove("m.gguf")
+    assert store.import_file(src).file == "m.gguf"
