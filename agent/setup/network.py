@@ -151,7 +151,7 @@ def network_files(net: NetworkSettings, wifi_iface: str | None) -> dict[str, str
         chosen += [f"DNS={d}" for d in net.dns]
     else:
         chosen = dhcp
-    files = {"20-hearth-wired.network": _network("Type=ether", dhcp)}
+    files = {"20-hearth-wired.network": _network("Type=ether\nKind=!*", dhcp)}
     if net.interface and net.interface != wifi_iface:
         files[f"{FILE_PREFIX}{net.interface}.network"] = _network(f"Name={net.interface}", chosen)
     if net.wifi_ssid and wifi_iface:
@@ -163,8 +163,9 @@ def network_files(net: NetworkSettings, wifi_iface: str | None) -> dict[str, str
 def _network(match: str, body: list[str]) -> str:
     head = "# Written by Hearth's first-boot set-up (hearth setup); edit with the wizard or hearth.yaml.\n"
     # MulticastDNS/LLMNR off: Hearth announces itself with its own mDNS responder (python-zeroconf).
-    body = [*body, "MulticastDNS=no", "LLMNR=no"]
-    return head + f"[Match]\n{match}\n\n[Network]\n" + "\n".join(body) + "\n"
+    body = [*body, "IPv6AcceptRA=yes", "MulticastDNS=no", "LLMNR=no"]
+    # Not "required for online": a node with one cable out must not hold the boot for two minutes.
+    return head + f"[Match]\n{match}\n\n[Network]\n" + "\n".join(body) + "\n\n[Link]\nRequiredForOnline=no\n"
 
 
 def wpa_supplicant_conf(ssid: str, passphrase: str) -> str:

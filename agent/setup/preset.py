@@ -53,9 +53,23 @@ class Preset:
         return self.config is not None
 
 
-def find(root: Path = Path("/"), search: tuple[str, ...] = SEARCH_PATHS) -> Path | None:
+PATHS_FILE = "usr/lib/hearth/preset-paths"
+"""The image's list of preset locations (one absolute path per line), searched before SEARCH_PATHS."""
+
+
+def search_paths(root: Path = Path("/")) -> list[str]:
+    """Where to look, relative to *root*: the image's list first, then the built-in one."""
+    try:
+        listed = [ln.strip().lstrip("/") for ln in (Path(root) / PATHS_FILE).read_text().splitlines()
+                  if ln.strip() and not ln.lstrip().startswith("#")]
+    except OSError:
+        listed = []
+    return list(dict.fromkeys([*listed, *SEARCH_PATHS]))
+
+
+def find(root: Path = Path("/"), search: tuple[str, ...] | None = None) -> Path | None:
     """The first preset file under *root*, or None."""
-    for rel in search:
+    for rel in search if search is not None else search_paths(root):
         path = Path(root) / rel
         if path.is_file():
             return path
@@ -194,11 +208,21 @@ def run(root: Path = Path("/"), path: Path | None = None,
         return Outcome("none")
     if applymod.is_configured(None, root):
         # Applied on an earlier boot that stopped before scrubbing: finish that job.
-        return Outcome("configured", None, [], scrub(path) if has_secrets(path) else [])
+        return Outcome("configured", None, [], _scrub_quietly(path))
     preset = read(path)
     if preset.config is None:
         log.warning("preset %s is invalid: %s", path, preset.error)
         return Outcome("invalid", preset)
     done = applymod.apply(preset.config, root, progress=progress)
-    scrubbed = scrub(path) if has_secrets(path) else []
-    return Outcome("applied", preset, done, scrubbed)
+    return Outcome("applied", preset, done, _scrub_quietly(path))
+
+
+def _scrub_quietly(path: Path) -> list[str]:
+    """Scrub if there is anything to scrub; a read-only source (a credential) is logged, not fatal."""
+    if not has_secrets(path):
+        return []
+    try:
+        return scrub(path)
+    except OSError as e:
+        log.warning("could not remove the secrets from %s: %s", path, e)
+        return []

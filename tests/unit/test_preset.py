@@ -118,3 +118,16 @@ def test_cli_preset_invalid_exit_code(root: Path, capsys: pytest.CaptureFixture[
     (root / "boot/hearth.yaml").write_text("node:\n  name: BAD NAME\n")
     assert hearth_main(["setup", "preset", "--root", str(root)]) == 2
     assert "node.name" in capsys.readouterr().err
+
+
+def test_image_preset_paths_file_is_searched_first(root: Path) -> None:
+    (root / "usr/lib/hearth").mkdir(parents=True)
+    (root / "usr/lib/hearth/preset-paths").write_text("# comment\n/efi/hearth.yaml\n/run/credentials/@system/hearth.yaml\n")
+    (root / "boot/hearth.yaml").write_text("{}\n")
+    cred = root / "run/credentials/@system"
+    cred.mkdir(parents=True)
+    (cred / "hearth.yaml").write_text("node:\n  name: fromcred\n")
+    assert preset.find(root) == cred / "hearth.yaml"
+    (root / "efi").mkdir()
+    (root / "efi/hearth.yaml").write_text("{}\n")
+    assert preset.find(root) == root / "efi/hearth.yaml"
