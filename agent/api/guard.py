@@ -76,6 +76,8 @@ class Guard:
                     await self._answer(err, scope, send_counted)
                     return
                 receive = _replay(body, receive)
+                if scope["path"].startswith(PROTECTED):
+                    _as_json(scope)
             await self.app(scope, receive, send_counted)
         finally:
             metrics.in_flight -= 1
@@ -131,6 +133,18 @@ class Guard:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": err.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _as_json(scope: Scope) -> None:
+    """Read every API body as JSON, whatever its Content-Type: ``curl -d '{...}'`` sends a form type,
+    and Ollama's and llama.cpp's servers accept it that way too."""
+    headers = scope["headers"]
+    for k, v in headers:
+        if k == b"content-type":
+            if v.startswith(b"application/json"):
+                return
+            break
+    scope["headers"] = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -212,6 +212,15 @@ async def test_ollama_errors_are_ollama_shaped(client: httpx.AsyncClient) -> Non
     assert r.status_code == 400 and "options.num_predict" in r.json()["error"]
 
 
+async def test_body_is_json_whatever_the_content_type(client: httpx.AsyncClient) -> None:
+    # curl -d '{...}' sends application/x-www-form-urlencoded; Ollama's own examples do just that.
+    r = await client.post("/api/generate", content=json.dumps({"model": "fake", "prompt": "p", "stream": False}),
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["response"] == "Hello, world!"
+    r = await client.post("/v1/chat/completions", content=json.dumps(CHAT), headers={"content-type": "text/plain"})
+    assert r.status_code == 200
+
+
 async def test_unknown_endpoint_and_method(client: httpx.AsyncClient) -> None:
     r = await client.get("/v1/nothing")
     assert r.status_code == 404 and "no such endpoint" in r.json()["error"]["message"]
