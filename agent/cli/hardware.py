@@ -87,6 +87,8 @@ def print_report(report: Any) -> None:
     llama = report.llama_cpp
     if llama.available:
         devs = ", ".join(f"{d['name']} ({d['type']})" for d in llama.devices) or "none"
+        if llama.cpu_variant:
+            devs += f"; CPU variant {llama.cpu_variant}"
         rows.append(("llama.cpp", "GPU offload" if llama.gpu_offload else "CPU only", "", devs))
     else:
         rows.append(("llama.cpp", "not available", "", llama.reason or ""))

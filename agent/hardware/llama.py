@@ -35,10 +35,11 @@ def normalize(dev: Any) -> dict[str, Any]:
     }
 
 
-def summarize(devices: list[Any]) -> LlamaCpp:
+def summarize(devices: list[Any], cpu_variant: str | None = None) -> LlamaCpp:
     """A LlamaCpp fact from the runtime's device list."""
     devs = tuple(normalize(d) for d in devices)
-    return LlamaCpp(available=True, reason=None, gpu_offload=any(d["type"] in GPU_TYPES for d in devs), devices=devs)
+    return LlamaCpp(available=True, reason=None, gpu_offload=any(d["type"] in GPU_TYPES for d in devs), devices=devs,
+                    cpu_variant=cpu_variant)
 
 
 class LlamaBackend(Backend):
@@ -50,11 +51,14 @@ class LlamaBackend(Backend):
         """Ask the runtime; a missing runtime is a fact."""
         if not self.ctx.with_llama:
             return self._none("not probed (--no-llama)")
+        variant = None
         try:
             if self.ctx.llama_devices is not None:
                 devices = list(self.ctx.llama_devices())
             elif self.ctx.is_live:
-                devices = list(importlib.import_module("hearth.llamacpp").devices())
+                runtime = importlib.import_module("hearth.llamacpp")
+                devices = list(runtime.devices())
+                variant = runtime.cpu_variant() if hasattr(runtime, "cpu_variant") else None
             else:
                 recorded = self.ctx.path("/llamacpp.json")
                 if not recorded.exists():
@@ -66,7 +70,7 @@ class LlamaBackend(Backend):
             return self._none(e.message)
         except Exception as e:  # the runtime's own loader failing is a fact about this image
             return self._none(f"llama.cpp could not list devices: {e}")
-        llama = summarize(devices)
+        llama = summarize(devices, variant)
         gpus = [d["name"] for d in llama.devices if d["type"] in GPU_TYPES]
         reason = None if gpus else "this llama.cpp build has no GPU backend (CPU only)"
         return Findings(self.fact(True, reason, devices=len(llama.devices)), extra={"llama_cpp": llama})

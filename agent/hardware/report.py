@@ -79,6 +79,8 @@ class LlamaCpp:
     reason: str | None = None
     gpu_offload: bool | None = None
     devices: tuple[dict[str, Any], ...] = ()
+    cpu_variant: str | None = None
+    """Which of the wheel's CPU builds ggml picked for this CPU (x64, haswell, skylakex, sapphirerapids...)."""
 
 
 @dataclass(frozen=True)
