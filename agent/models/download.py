@@ -260,7 +260,7 @@ def download(store: Store, source: Source | str, file: str | None = None, *, sha
         part, jpath = store.partial_path(file), store.journal_path(file)
         journal = _read_journal(jpath)
         offset = part.stat().st_size if part.exists() else 0
-        if journal is None or journal.get("source") != src.key or (expected and journal.get("sha256") not in (None, expected)) \
+        if journal is None or not part.exists() or journal.get("source") != src.key or (expected and journal.get("sha256") not in (None, expected)) \
                 or (size_exact and size and offset > size):
             if offset:
                 log.info("discarding a partial %s that does not match this download", file)

@@ -238,6 +238,15 @@ def test_partial_that_already_holds_everything_gets_416(server, model, store: St
     assert m.sha256 == digest and [r["status"] for r in b.requests] == [416]
 
 
+def test_journal_without_its_partial_starts_over(server, model, store: Store) -> None:
+    url, b = server
+    b.data, digest = model
+    interrupt(store, f"{url}/tiny.gguf")
+    store.partial_path("tiny.gguf").unlink()  # someone cleaned up half of it
+    assert download(store, f"{url}/tiny.gguf", sha256=digest).sha256 == digest
+    assert b.requests[-1]["range"] is None
+
+
 def test_bad_hash_is_an_error_and_nothing_is_listed(server, model, store: Store) -> None:
     url, b = server
     b.data, _ = model
