@@ -12,7 +12,9 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import logging
+import os
 import re
+import tempfile
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -70,13 +72,59 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ggml_backend_dev_type.restype = ctypes.c_int
     lib.ggml_backend_dev_memory.argtypes = [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)]
     lib.ggml_backend_dev_memory.restype = None
+    lib.ggml_backend_load.argtypes = [cp]
+    lib.ggml_backend_load.restype = vp
     lib.ggml_backend_reg_count.argtypes = []
     lib.ggml_backend_reg_count.restype = sz
 
 
-def uses_backend_dl(directory: Path) -> bool:
-    """True when the wheel keeps its backends in separate libraries (``GGML_BACKEND_DL`` builds)."""
-    return any(directory.glob("libggml-cpu*.so"))
+def backend_dir(directory: Path | None = None) -> Path | None:
+    """Where the wheel keeps ggml's backend libraries (``libggml-cpu-*.so``...), or None when the
+    backends are built into libggml (no ``GGML_BACKEND_DL``).
+
+    scikit-build installs CMake MODULE libraries to the install prefix's ``bin/``, which for a wheel is
+    ``site-packages/bin``; other builds put them next to libggml. ``$HEARTH_GGML_BACKEND_DIR`` wins.
+    """
+    directory = directory or lib_dir()
+    override = os.environ.get("HEARTH_GGML_BACKEND_DIR")
+    candidates = [Path(override)] if override else []
+    candidates += [directory, directory.parent / "bin", directory.parent.parent / "bin"]
+    for candidate in candidates:
+        if any(p for p in candidate.glob("libggml-*.so") if not p.name.startswith("libggml-base")):
+            return candidate
+    return None
+
+
+SKIPPED_VARIANTS = frozenset({"sapphirerapids"})
+"""CPU variants ggml must not pick on its own. The AMX variant (sapphirerapids) is chosen on any CPU whose
+cpuid lists AMX, but its kernels execute ``tilezero`` on compute threads that never loaded a tile
+configuration and die with SIGILL (seen on a Xeon VM where AMX itself works). The AVX-512 variants
+below it are safe; ``$HEARTH_GGML_CPU_VARIANT`` can still force it."""
+
+
+def _load_all_but(ggml: ctypes.CDLL, backends: Path, skipped: frozenset[str]) -> None:
+    """ggml_backend_load_all_from_path over a view of *backends* without the *skipped* CPU variants.
+
+    ggml scores every ``libggml-cpu-*.so`` in the folder and loads the best; a temporary folder of
+    symlinks hides the skipped ones. The links can go once loaded (dlopen holds the files).
+    """
+    libs = [p for p in backends.glob("libggml-*.so") if not p.name.startswith("libggml-base")]
+    hidden = [p for p in libs if p.name.removeprefix("libggml-cpu-").removesuffix(".so") in skipped
+              and p.name.startswith("libggml-cpu-")]
+    if not hidden:
+        ggml.ggml_backend_load_all_from_path(str(backends).encode())
+        return
+    with tempfile.TemporaryDirectory(prefix="hearth-ggml-") as view:
+        for p in libs:
+            if p not in hidden:
+                os.symlink(p, Path(view) / p.name)
+        ggml.ggml_backend_load_all_from_path(view.encode())
+
+
+def cpu_variants(directory: Path | None = None) -> list[str]:
+    """The CPU variants the wheel ships (x64, sse42, haswell, skylakex, ...)."""
+    found = backend_dir() if directory is None else directory
+    return sorted(p.name[len("libggml-cpu-"):-3] for p in found.glob("libggml-cpu-*.so")) if found else []
 
 
 def load() -> ModuleType:
@@ -94,12 +142,21 @@ def load() -> ModuleType:
             raise RuntimeMissing(f"cannot load llama-cpp-python: {e}",
                                  hint="reinstall Hearth's llama-cpp-python wheel") from None
         ggml = _ggml_lib(directory)
-        if uses_backend_dl(directory) and ggml.ggml_backend_dev_count() == 0:
-            ggml.ggml_backend_load_all_from_path(str(directory).encode())
+        backends = backend_dir(directory)
+        variant = os.environ.get("HEARTH_GGML_CPU_VARIANT", "")
+        if backends is not None and ggml.ggml_backend_dev_count() == 0 and variant:
+            # A forced CPU variant (benchmarks, or a CPU whose flags promise more than it runs).
+            path = backends / f"libggml-cpu-{variant}.so"
+            if not path.exists():
+                raise RuntimeMissing(f"no CPU variant '{variant}' in {backends}",
+                                     hint="variants: " + ", ".join(sorted(cpu_variants(backends))))
+            ggml.ggml_backend_load(str(path).encode())
+        elif backends is not None and ggml.ggml_backend_dev_count() == 0:
+            _load_all_but(ggml, backends, SKIPPED_VARIANTS)
             if ggml.ggml_backend_dev_count() == 0:
-                raise RuntimeMissing(f"no ggml backend in {directory} runs on this CPU",
+                raise RuntimeMissing(f"no ggml backend in {backends} runs on this CPU",
                                      hint="the wheel needs at least its x64 CPU variant")
-            log.debug("registered %d ggml backends from %s", ggml.ggml_backend_reg_count(), directory)
+            log.debug("registered %d ggml backends from %s", ggml.ggml_backend_reg_count(), backends)
         _ggml = ggml
         _module = llama_cpp
         return llama_cpp
