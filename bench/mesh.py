@@ -82,14 +82,15 @@ def listed(front: Agent, name: str, model: str | None = None) -> bool:
     return False
 
 
-def start_and_discover(front: Agent, node: Agent, model: str) -> float:
+def start_and_discover(front: Agent, node: Agent, model: str | None) -> float:
     """Start *node*; seconds from its API answering to *front* listing it."""
     node.start()
     node.wait_up(120)
     up = time.monotonic()
     wait_for(lambda: listed(front, node.name), timeout=30, interval=0.02)
     seen = time.monotonic() - up
-    wait_for(lambda: listed(front, node.name, model), timeout=180, interval=0.1)
+    if model:
+        wait_for(lambda: listed(front, node.name, model), timeout=180, interval=0.1)
     return seen
 
 
@@ -106,7 +107,6 @@ def main() -> int:
 
     cache = Path.home() / ".cache" / "hearth" / "models"
     gguf = gemma.assemble(cache / gemma.MODEL_NAME)
-    model = Path(gguf).stem
     secret = bytes(range(7, 39))
     lan = Lan()
     base = Path(tempfile.mkdtemp(prefix="hearth-bench-mesh-"))
@@ -117,8 +117,11 @@ def main() -> int:
     try:
         front.start()
         front.wait_up(120)
-        discovery = [start_and_discover(front, servers[0], model)]
         s1 = servers[0]
+        discovery = [start_and_discover(front, s1, None)]
+        wait_for(lambda: any(m["loaded"] for m in s1.view()["self"]["models"]), timeout=180, interval=0.1)
+        model = s1.view()["self"]["models"][0]["name"]  # the name the agent serves it under
+        wait_for(lambda: listed(front, s1.name, model), timeout=10)
         # warm both paths (first request loads caches)
         client(s1, model, 16, tag="warm-d")
         client(front, model, 16, tag="warm-h")

@@ -35,13 +35,15 @@ def nodes(lan, tmp_path_factory, gemma_path):
     a = Agent(lan.add(), "hearth-a", base / "A", SECRET)
     b = Agent(lan.add(), "hearth-b", base / "B", SECRET, model=gemma_path.name, store=(gemma_path,))
     c = Agent(lan.add(), "hearth-c", base / "C", SECRET, model=gemma_path.name, store=(gemma_path,))
-    nodes = {"A": a, "B": b, "C": c, "model": gemma_path.stem}
+    nodes = {"A": a, "B": b, "C": c}
     try:
         for n in (a, c):
             n.start()
         for n in (a, c):
             n.wait_up(120)
-        wait_for(lambda: nodes["model"] in loaded_on(a, "hearth-c"), timeout=120, interval=0.2)
+        wait_for(lambda: any(m["loaded"] for m in c.view()["self"]["models"]), timeout=120, interval=0.2)
+        nodes["model"] = c.view()["self"]["models"][0]["name"]  # the name the agent serves it under
+        wait_for(lambda: nodes["model"] in loaded_on(a, "hearth-c"), timeout=10)
         yield nodes
     finally:
         for n in (a, b, c):
