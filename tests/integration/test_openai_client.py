@@ -1,14 +1,26 @@
 """The official ``openai`` client (and httpx for the Ollama endpoints) against a real ``hearth agent``
-serving Gemma 3 270M through llama-cpp-python: streaming and not, errors as the client's exceptions."""
+serving Gemma 3 270M through llama-cpp-python: streaming and not, errors as the client's exceptions.
+
+The tests share one agent (module scope) and leave it as they found it; the key test starts its own."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 openai = pytest.importorskip("openai")
 
@@ -16,8 +28,54 @@ RunningAgent = Any
 AgentFactory = Any
 
 
+@dataclass
+class SharedAgent:
+    """One agent for the whole module (starting one per test costs ~10 s here)."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    model: str
+    log_path: Path
+
+    def health(self) -> httpx.Response:
+        return httpx.get(self.url + "/health", timeout=5)
+
+
+@pytest.fixture(scope="module")
+def running_agent(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path, llama_runtime: Any) -> Iterator[SharedAgent]:
+    state = tmp_path_factory.mktemp("agent")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = {"api": {"host": "127.0.0.1", "port": port}, "state": {"dir": str(state)},
+           "model": {"name": str(gemma_path), "threads": 2}, "mesh": {"enabled": False}}
+    (state / "hearth.yaml").write_text(yaml.safe_dump(cfg))
+    log_path = state / "agent.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "hearth", "--config", str(state / "hearth.yaml"), "agent"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+    agent = SharedAgent(proc, f"http://127.0.0.1:{port}", gemma_path.stem, log_path)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+            with contextlib.suppress(httpx.HTTPError):
+                if agent.health().status_code == 200:
+                    break
+            time.sleep(0.05)
+        yield agent
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture
-def client(running_agent: RunningAgent) -> Any:
+def client(running_agent: SharedAgent) -> Any:
     return openai.OpenAI(base_url=running_agent.url + "/v1", api_key="unused-on-loopback", max_retries=0, timeout=60)
 
 
@@ -120,8 +178,6 @@ def _metric(url: str, name: str) -> float:
 
 
 def test_hanging_up_stops_the_generation(running_agent: RunningAgent) -> None:
-    import time
-
     url = running_agent.url
     before = _metric(url, "hearth_generated_tokens_total")
     body = {"model": running_agent.model, "prompt": "Once upon a time", "max_tokens": 1500, "stream": True}
