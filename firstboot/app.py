@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if found is not None and not found.valid:
         answers, error = Answers.from_prefill(found.prefill), found.error
     app = FirstBootApp(services, answers=answers, preset_error=error, ascii_only=args.ascii or None)
-    code = app.run()
+    code = app.run(mouse=False)  # no mouse tracking codes on a serial line
     return 0 if app.applied else int(code or 1)
 
 

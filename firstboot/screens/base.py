@@ -42,6 +42,7 @@ class WizardScreen(Screen[None]):
         number, total = self.wizard.step_of(self)
         step = f"step {number} of {total}" if number else ""
         yield Static(f"Hearth set-up   {step}   [b]{self.TITLE}[/b]", id="title", markup=True)
+        yield from self.banner()
         with Vertical(id="body"):
             yield from self.body()
         yield Static("", id="error", markup=False)
@@ -49,6 +50,10 @@ class WizardScreen(Screen[None]):
 
     def body(self) -> ComposeResult:
         """The screen's widgets."""
+        yield from ()
+
+    def banner(self) -> ComposeResult:
+        """Lines that stay on top, outside the scrolling body."""
         yield from ()
 
     def on_mount(self) -> None:

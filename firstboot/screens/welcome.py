@@ -21,12 +21,15 @@ class WelcomeScreen(WizardScreen):
     BACK = False
     HINT = "Up/Down: choose a keyboard layout   Enter: next"
 
-    def body(self) -> ComposeResult:
-        """Intro text, the preset error if any, and the keyboard list."""
+    def banner(self) -> ComposeResult:
+        """The preset's error, on top, when the stick's hearth.yaml could not be used."""
         if self.wizard.preset_error:
-            yield Static(f"The preset on the stick was not used:\n{self.wizard.preset_error}\n"
-                         "Its other answers are filled in below; fix this one as you go.",
+            yield Static(f"The preset on the stick was not used: {self.wizard.preset_error}\n"
+                         "Its other answers are filled in; fix this one as you go.",
                          id="preset-error", markup=False)
+
+    def body(self) -> ComposeResult:
+        """Intro text and the keyboard list."""
         yield Static(
             "Hearth turns this PC into your household's private AI: it runs a language model "
             "here and answers apps on your network, like a small OpenAI server that never "
@@ -38,6 +41,8 @@ class WelcomeScreen(WizardScreen):
     def load(self) -> None:
         """Highlight the current layout."""
         options = self.query_one("#keymap", OptionList)
+        if self.wizard.preset_error:
+            options.styles.max_height = 7  # the banner takes the room; the list scrolls instead of the page
         codes = [c for c, _ in KEYMAPS]
         options.highlighted = codes.index(self.answers.keymap) if self.answers.keymap in codes else 0
         options.focus()

@@ -1,0 +1,34 @@
+"""The real entry point on a pseudo-terminal, as on a serial line: TERM=vt220, 80x24, keyboard only."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+
+@pytest.mark.parametrize("term", ["vt220", "linux"])
+def test_wizard_starts_on_a_terminal_and_quits(root: Path, term: str) -> None:
+    """hearth-firstboot draws its first screen in 80x24 on TERM=vt220/linux and leaves with exit 1 (not set up)."""
+    (root / "boot").mkdir()
+    (root / "boot/hearth.yaml").write_text("node:\n  name: Not Valid\n")
+    env = {**os.environ, "TERM": term, "LANG": "C.UTF-8", "COLUMNS": "80", "LINES": "24"}
+    child = pexpect.spawn(sys.executable, ["-m", "hearth_firstboot.app", "--root", str(root)]
+                          + (["--ascii"] if term == "vt220" else []),
+                          env=env, dimensions=(24, 80), timeout=60, encoding="utf-8", codec_errors="replace")
+    try:
+        child.expect("Welcome")
+        child.expect("Keyboard layout")
+        child.expect("preset on the stick was not used")
+        out = child.before or ""
+        assert "\x1b[?1000h" not in out, "no mouse tracking on a serial line"
+        child.sendcontrol("q")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 1
+    assert not (root / "var/lib/hearth/configured").exists()
