@@ -2,7 +2,7 @@
 
 One run, with Gemma 3 270M Q4_K_M and `hearth agent` nodes on a Linux bridge:
 
-- one mesh hop: the same streamed completion (greedy, fresh prompt per round) sent directly to the
+- one mesh hop: a streamed completion (greedy, fresh prompt per request) sent directly to the
   serving node S1 and to a front node F that serves no model and forwards to S1; each client runs on
   loopback inside its node's namespace. Reports medians of ms/token after the first token and of time to
   first token (TTFT), as hop ÷ direct and hop − direct;
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -129,7 +130,8 @@ def main() -> int:
         for r in range(args.rounds):
             pair = [("d", s1), ("h", front)] if r % 2 == 0 else [("h", front), ("d", s1)]
             for kind, agent in pair:
-                out = client(agent, model, args.tokens, tag=f"r{r}")["results"][0]  # same prompt both ways
+                # a prompt of the same length but its own text, so neither path reuses the other's prompt cache
+                out = client(agent, model, args.tokens, tag=f"r{r}{kind}")["results"][0]
                 (direct if kind == "d" else hop).append(out)
         med = lambda rows, k: statistics.median(x[k] for x in rows)  # noqa: E731
         d_mspt, h_mspt = med(direct, "ms_per_token"), med(hop, "ms_per_token")
@@ -152,8 +154,9 @@ def main() -> int:
         for a in agents:
             a.stop()
         lan.close()
-    cores = len(__import__("os").sched_getaffinity(0))
-    print(f"machine: {cores} cores; {n} serving nodes x {args.threads} thread(s); Gemma 3 270M Q4_K_M; "
+    cores = len(os.sched_getaffinity(0))
+    load = os.getloadavg()[0]
+    print(f"machine: {cores} cores, load average {load:.1f} at the end; {n} serving nodes x {args.threads} thread(s); Gemma 3 270M Q4_K_M; "
           f"{args.tokens} tokens per completion, {args.rounds} rounds")
     print(f"direct to S1:      {d_mspt:6.2f} ms/token  TTFT {d_ttft:6.1f} ms")
     print(f"through F (1 hop): {h_mspt:6.2f} ms/token  TTFT {h_ttft:6.1f} ms")
@@ -167,7 +170,7 @@ def main() -> int:
                       "hop_ms_per_token": round(h_mspt, 3), "direct_ttft_ms": round(d_ttft, 2),
                       "hop_ttft_ms": round(h_ttft, 2), "single_node_tps": round(single_tps, 2),
                       "aggregate_tps": round(agg_tps, 2), "nodes": n, "threads_per_node": args.threads,
-                      "cores": cores}))
+                      "cores": cores, "load_average": round(load, 2)}))
     return 0
 
 
