@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ def _peer_addr(request: Request) -> str:
 def make_router(mesh: MeshService) -> APIRouter:
     """The APIRouter for *mesh*."""
     router = APIRouter(prefix="/mesh/v1", tags=["mesh"])
+    refusals: dict[tuple[str, str], float] = {}
 
     async def verified(request: Request) -> str:
         body = await request.body()
@@ -40,8 +42,15 @@ def make_router(mesh: MeshService) -> APIRouter:
         try:
             return mesh.verifier.verify(request.method, path, body, request.headers)
         except AuthError as e:
-            log.warning("mesh: refused %s %s from %s: %s", request.method, request.url.path, _peer_addr(request),
-                        e.message)
+            addr = _peer_addr(request)
+            # Every refusal is logged, but a stranger retrying every few seconds is a WARNING once a minute.
+            now = time.monotonic()
+            level = logging.WARNING if now - refusals.get((addr, e.message), -1e9) > 60 else logging.DEBUG
+            if level == logging.WARNING:
+                refusals[(addr, e.message)] = now
+                if len(refusals) > 4096:
+                    refusals.clear()
+            log.log(level, "mesh: refused %s %s from %s: %s", request.method, request.url.path, addr, e.message)
             raise HTTPException(e.status, detail=e.message) from None
 
     def signed(request: Request, data: Any) -> Response:

@@ -66,6 +66,7 @@ class _Candidate:
     claimed_node: str = ""
     claimed_fingerprint: str = ""
     instance: str = ""
+    refused: str = ""
     task: asyncio.Task[None] | None = None
     peer: Peer | None = None
     upstreams: dict[str, PeerUpstream] = field(default_factory=dict)
@@ -204,7 +205,10 @@ class MeshService:
             except PeerRefused as e:
                 if cand.peer is not None:
                     self._forget(cand, f"refused: {e}")
-                log.warning("mesh: %s candidate %s refused: %s", cand.source, cand.url, e)
+                # Said once at WARNING; a stranger that stays a stranger is not news every 5 s.
+                level = logging.DEBUG if cand.refused == str(e) else logging.WARNING
+                cand.refused = str(e)
+                log.log(level, "mesh: %s candidate %s refused: %s", cand.source, cand.url, e)
                 delay = REFUSED_RETRY_S
             except httpx.ConnectError as e:
                 # Connection refused (the process died) or unreachable: drop at once.
