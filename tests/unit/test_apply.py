@@ -209,3 +209,21 @@ def test_network_discovery_parsers() -> None:
     assert network.parse_ip_json(data) == {"lo": ["127.0.0.1/8"], "eth0": ["192.168.1.20/24"]}
     scan = "BSS 00:11(on wlan0)\n\tsignal: -70.00 dBm\n\tSSID: Far\nBSS 00:12\n\tsignal: -40.00 dBm\n\tSSID: Near\nBSS 3\n\tSSID: \n"
     assert network.parse_iw_scan(scan) == ["Near", "Far"]
+
+
+def test_interfaces_from_sysfs(tmp_path: Path) -> None:
+    """Physical ports only (a 'device' link), wireless ones told apart, link from operstate/carrier."""
+    net = tmp_path / "sys/class/net"
+    for name, wireless, oper in (("enp3s0", False, "up"), ("wlp2s0", True, "down"), ("lo", False, "unknown"),
+                                 ("veth0", False, "up")):
+        d = net / name
+        d.mkdir(parents=True)
+        (d / "operstate").write_text(oper + "\n")
+        (d / "address").write_text("00:11:22:33:44:55\n")
+        if name not in ("lo", "veth0"):
+            (d / "device").mkdir()
+        if wireless:
+            (d / "wireless").mkdir()
+    found = network.interfaces(net)
+    assert [(i.name, i.wireless, i.link) for i in found] == [("enp3s0", False, True), ("wlp2s0", True, False)]
+    assert apply.wifi_interface(config.from_dict({"network": {"wifi_ssid": "x"}}), net) == "wlp2s0"
