@@ -56,17 +56,33 @@ class _LogCapture:
     def __init__(self, llama_cpp: Any) -> None:
         self.offloaded: tuple[int, int] | None = None
 
+        last = [0]
+
         def callback(level: int, text: bytes | None, user_data: Any) -> None:
             line = (text or b"").decode(errors="replace")
             found = _OFFLOADED.search(line)
             if found:
                 self.offloaded = (int(found.group(1)), int(found.group(2)))
-            if level in (2, 3):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+            if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous line at its level
+                last[0] = level
+            if last[0] in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
                 sys.stderr.write(line)
 
         # Keep a reference: llama.cpp calls it for the life of the process.
         self._cb = llama_cpp.llama_log_callback(callback)
         llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
+
+
+_capture: _LogCapture | None = None
+
+
+def _log_capture(llama_cpp: Any) -> _LogCapture:
+    # One per process, never freed: llama.cpp keeps calling the callback (also while freeing models),
+    # and a collected ctypes callback would be a jump into freed memory.
+    global _capture
+    if _capture is None:
+        _capture = _LogCapture(llama_cpp)
+    return _capture
 
 
 class Engine:
@@ -93,7 +109,8 @@ class Engine:
         """Load a GGUF file; errors become UpstreamError with a one-line message."""
         opts = options or LoadOptions()
         llama_cpp = llamacpp.load()
-        capture = _LogCapture(llama_cpp)
+        capture = _log_capture(llama_cpp)
+        capture.offloaded = None
         meta = _metadata(path)
         arch = str(meta.get("general.architecture", ""))
         embedding = f"{arch}.pooling_type" in meta
@@ -191,7 +208,13 @@ class Engine:
             yield Finished("length", n_prompt, 0)
             return
         llama = self.llama
-        llama.set_seed(request.seed if request.seed is not None else random.randrange(2**31))
+        if request.seed is not None:
+            # Reusing the cached prompt prefix changes the logits in the last bits (one token evaluated
+            # alone instead of in a batch); a seeded request must sample the same text every time.
+            llama.reset()
+            llama.set_seed(request.seed)
+        else:
+            llama.set_seed(random.randrange(2**31))
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         is_eog = self._llama_cpp.llama_vocab_is_eog
         vocab = self._vocab

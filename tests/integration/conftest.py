@@ -43,12 +43,12 @@ def make_tiny_gguf(path: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: in
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [gguf.TokenType.BYTE] * 256
     pieces = list(string.ascii_letters + string.digits + ".,!?;:'-")
-    words = ["the", "a", "and", "of", "to", "in", "is", "it", "hello", "world", "Hearth", "model", "house", "fire",
+    words = ["the", "and", "of", "to", "in", "is", "it", "hello", "world", "Hearth", "model", "house", "fire",
              "tell", "me", "story", "once", "upon", "time", "there", "was"]
-    for p in pieces + words:
+    for p in dict.fromkeys(pieces + words):  # llama.cpp aborts on a duplicate token
         tokens.append("\u2581" + p)
         types.append(gguf.TokenType.NORMAL)
-    for p in pieces + words:
+    for p in dict.fromkeys(pieces + words):
         tokens.append(p)
         types.append(gguf.TokenType.NORMAL)
     tokens.append("\u2581")

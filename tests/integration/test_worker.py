@@ -40,7 +40,7 @@ def tiny_engine(tiny_gguf: Path, llama_runtime: Any) -> Engine:
 
 
 def test_gemma_generates_counts_and_reports_offload(gemma_engine: Engine) -> None:
-    text, end = run(gemma_engine, completion("The capital of France is", max_tokens=12))
+    text, end = run(gemma_engine, completion("The capital of France is the city of", max_tokens=12))
     assert "Paris" in text
     assert end.finish_reason == "length" and end.completion_tokens == 12 and end.prompt_tokens >= 5
     info = gemma_engine.info()
@@ -56,10 +56,10 @@ def test_seed_makes_sampling_repeatable(gemma_engine: Engine) -> None:
 
 
 def test_stop_string_cuts_text_without_partial_stop(gemma_engine: Engine) -> None:
-    full, _ = run(gemma_engine, completion("The capital of France is", max_tokens=24))
+    full, _ = run(gemma_engine, completion("The capital of France is the city of", max_tokens=24))
     stop = full[8:12]
     assert stop.strip()
-    text, end = run(gemma_engine, completion("The capital of France is", max_tokens=24, stop=(stop,)))
+    text, end = run(gemma_engine, completion("The capital of France is the city of", max_tokens=24, stop=(stop,)))
     assert text == full[: full.index(stop)] and end.finish_reason == "stop"
 
 
@@ -130,7 +130,7 @@ async def test_sigkill_mid_stream_gives_clean_error_then_next_request_succeeds(g
                 os.kill(pid, signal.SIGKILL)
     assert info.value.before_first_token is False and "stopped" in info.value.message
     start = time.monotonic()
-    events = [e async for e in up.generate(completion("The capital of France is", max_tokens=6))]
+    events = [e async for e in up.generate(completion("The capital of France is the city of", max_tokens=6))]
     back = time.monotonic() - start
     assert isinstance(events[-1], Finished) and events[-1].completion_tokens == 6
     assert gemma_worker.pid != pid and gemma_worker.restarts == 1
