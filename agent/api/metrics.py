@@ -76,7 +76,7 @@ class ApiMetrics:
                     "model", self.ttft)
         for name, value in sorted(runtime_metrics.items()):
             metric = "hearth_" + _NAME_BAD.sub("_", name)
-            out.append(f"# TYPE {metric} gauge")
+            out.append(f"# TYPE {metric} {'counter' if metric.endswith('_total') else 'gauge'}")
             out.append(f"{metric} {float(value)!r}")
         return "\n".join(out) + "\n"
 
