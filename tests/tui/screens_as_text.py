@@ -20,7 +20,7 @@ from hearth_firstboot.app import FirstBootApp
 PW = "correct-horse-battery"
 TOUR = [
     ("Welcome", []), ("Hardware", ["enter"]), ("Network", ["enter"]), ("Name", ["enter"]),
-    ("Household (create)", ["enter"]), ("Model", ["enter"]), ("Admin", [*PW, "enter", *PW[:5]]),
+    ("Household (create)", ["enter"]), ("Model", ["enter"]), ("Admin", ["enter", *PW, "enter", *PW[:5]]),
     ("Review & apply", [*PW[5:], "enter"]), ("Done", ["enter"]),
 ]
 
