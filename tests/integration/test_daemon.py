@@ -84,7 +84,7 @@ def test_worker_crash_mid_stream_then_next_request_succeeds(running_agent: Runni
 def test_openai_client_streams_from_the_agent(running_agent: RunningAgent) -> None:
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=running_agent.url + "/v1", api_key="unused-on-loopback")
-    stream = client.completions.create(model=running_agent.model, prompt="The capital of France is",
+    stream = client.completions.create(model=running_agent.model, prompt="The capital of France is the city of",
                                        max_tokens=8, temperature=0, stream=True)
     text = "".join(c.choices[0].text for c in stream if c.choices)
     assert "Paris" in text
