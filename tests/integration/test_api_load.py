@@ -20,7 +20,7 @@ def _rss_kib(pid: int) -> int:
 
 
 async def _one(c: httpx.AsyncClient, i: int, model: str) -> tuple[int, str]:
-    body = {"model": model, "prompt": f"Story {i}: once upon a time", "max_tokens": 8, "stream": i % 2 == 0}
+    body = {"model": model, "prompt": f"Story {i}: once upon a time", "max_tokens": 4, "stream": i % 2 == 0}
     r = await c.post("/v1/completions", json=body)
     text = r.text
     if r.status_code == 200 and body["stream"]:
