@@ -60,6 +60,8 @@ class WizardScreen(Screen[None]):
         """Freeze cursor blink when asked (snapshots), then let the screen fill itself in."""
         for inp in self.query(Input):
             inp.cursor_blink = self.wizard.cursor_blink
+            # A label in the top border stays visible once the placeholder is typed over.
+            inp.border_title = inp.border_title or (inp.placeholder.split(",")[0].split(" (")[0] or None)
         self.load()
 
     def load(self) -> None:
