@@ -64,7 +64,7 @@ def test_uefi_headless_preset_openai_and_growth(image, harness, tmp_path):
         code, lines, seconds = verdict(vm)
         print(f"UEFI boot to healthy API: {seconds:.0f}s ({harness.kvm_works() and 'kvm' or 'tcg'})")
         assert code == 0, f"hearth-check failed:\n{vm.tail(80)}"
-        # The data partition grew from its build size (512 MiB) to the end of the 6 GiB disk.
+        # The data partition grew from its build size (256 MiB) to the end of the 6 GiB disk.
         assert int(lines["var"].split()[0]) > 4 * GiB, lines["var"]
         key = lines["api-key"]
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, timeout=600)
