@@ -25,7 +25,9 @@ class AdminScreen(WizardScreen):
         yield Input(placeholder="the same password again", password=True, id="confirm")
         yield Static("", id="strength", markup=False)
         yield Static("Optional: an SSH public key (ssh-ed25519 AAAA...). SSH stays off without one.", markup=False)
-        yield Input(placeholder="ssh-ed25519 AAAA... you@laptop", id="ssh-key")
+        key = Input(placeholder="ssh-ed25519 AAAA... you@laptop", id="ssh-key")
+        key.border_title = "SSH public key (optional)"
+        yield key
 
     def load(self) -> None:
         """Refill what was typed."""

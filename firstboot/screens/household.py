@@ -40,7 +40,9 @@ class HouseholdScreen(WizardScreen):
             yield Static("", id="code", markup=False)
         with Vertical(id="join-panel"):
             yield Static("Code shown by 'hearth household invite' on a node of the household:", markup=False)
-            yield Input(placeholder="HRTH-XXXX-XXXX-...", id="join-code")
+            code = Input(placeholder="HRTH-XXXX-XXXX-...", id="join-code")
+            code.border_title = "join code"
+            yield code
             yield Static("", id="join-status", markup=False)
 
     def load(self) -> None:
