@@ -209,9 +209,10 @@ class Engine:
             return
         llama = self.llama
         if request.seed is not None:
-            # Reusing the cached prompt prefix changes the logits in the last bits (one token evaluated
-            # alone instead of in a batch); a seeded request must sample the same text every time.
-            llama.reset()
+            if request.temperature > 0:
+                # Reusing the cached prompt prefix changes the logits in the last bits (one token
+                # evaluated alone instead of in a batch); a seeded sample must repeat exactly.
+                llama.reset()
             llama.set_seed(request.seed)
         else:
             llama.set_seed(random.randrange(2**31))
