@@ -351,7 +351,7 @@ def _coerce(row: Setting, value: Any, raw: str | None) -> Any:
     elif tp == tuple[str, ...]:
         if value is None:
             return ()
-        if isinstance(value, list) and all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
+        if isinstance(value, list | tuple) and all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
             return tuple(str(v) for v in value)
     raise ValueError(f"must be a {_type_name(tp)}, got {value!r}")
 
