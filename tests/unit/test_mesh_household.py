@@ -84,3 +84,14 @@ def test_damaged_identity_is_a_clear_error(tmp_path):
     (tmp_path / identity.IDENTITY_FILE).write_text("garbage")
     with pytest.raises(identity.IdentityError, match="damaged"):
         identity.load_or_create(tmp_path)
+
+
+def test_household_functions_import_nothing_heavy():
+    """The first-boot wizard calls these: no zeroconf, FastAPI or httpx until the network is really used."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hearth.mesh.household, hearth.mesh.identity, hearth.mesh.auth; "
+            "print(sorted(m for m in ('httpx', 'zeroconf', 'fastapi') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
