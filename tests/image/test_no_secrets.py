@@ -5,70 +5,17 @@ Every file system of the image is mounted read-only from a loop device and inspe
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-
-import pytest
 
 # A PEM/OpenSSH private key with its body (programs carry the bare header as a string constant).
 PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )?PRIVATE KEY-----\r?\n(?:[A-Za-z0-9:, -]+\r?\n)*[A-Za-z0-9+/=]{48,}")
 API_KEY = re.compile(rb"hearth-[A-Za-z0-9_-]{40,}")
 SCAN_LIMIT = 8 << 20
-ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 # Known test fixtures inside third-party wheels (not keys of this node or of anyone's household).
 ALLOWED_KEY_FILES = re.compile(r"/site-packages/.*/tests?/|/usr/share/doc/")
-
-
-@contextmanager
-def mounted(image: Path, tmp: Path) -> Iterator[list[Path]]:
-    """Every mountable partition of image, mounted read-only (loop, by offset) under tmp."""
-    table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], check=True, capture_output=True,
-                                      text=True).stdout)["partitiontable"]
-    sector = int(table.get("sectorsize", 512))
-    points: list[Path] = []
-    found_esp: list[Path] = []
-    try:
-        for n, part in enumerate(table["partitions"], 1):
-            point = tmp / f"p{n}"
-            point.mkdir()
-            offset = int(part["start"]) * sector
-            if part["type"].upper() == ESP_TYPE:
-                # FAT through mtools: no mount needed (some sandboxes cannot mount vfat).
-                subprocess.run(["mcopy", "-s", "-n", "-i", f"{image}@@{offset}", "::*", str(point)], check=True,
-                               capture_output=True, env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
-                found_esp.append(point)
-                continue
-            opts = f"ro,loop,offset={offset},sizelimit={int(part['size']) * sector}"
-            if subprocess.run(["mount", "-o", opts, str(image), str(point)], capture_output=True).returncode == 0:
-                points.append(point)
-        yield points + found_esp
-    finally:
-        for point in points:
-            subprocess.run(["umount", str(point)], check=False)
-
-
-@pytest.fixture(scope="module")
-def fs(image, tmp_path_factory):
-    """The image's file systems: {'root': Path, 'var': Path, 'esp': Path}."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (loop devices and read-only mounts of the image)")
-    tmp = tmp_path_factory.mktemp("image-fs")
-    with mounted(image, tmp) as points:
-        found = {}
-        for p in points:
-            if (p / "etc/os-release").exists() or (p / "usr/lib/os-release").exists():
-                found["root"] = p
-            elif (p / "lib/dpkg").exists() or (p / "lib/hearth").exists() or (p / "log").exists():
-                found["var"] = p
-            elif (p / "EFI").exists():
-                found["esp"] = p
-        assert {"root", "var", "esp"} <= set(found), f"partitions found: {found}"
-        yield found
 
 
 def files(top: Path) -> Iterator[Path]:
