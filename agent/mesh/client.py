@@ -75,6 +75,24 @@ def check_hello_answer(key: bytes, nonce: str, challenge: bytes, body: bytes, si
                        int(data.get("api_port", 0)))
 
 
+def peer_url_of(text: str, default_port: int = 8080) -> str:
+    """A peer's base URL from what a person typed: '10.0.0.5', 'hearth-7f3a.local:9000' or a full URL."""
+    text = text.strip().rstrip("/")
+    if "://" not in text:
+        if text.count(":") > 1 and not text.startswith("["):
+            text = f"[{text}]"  # a bare IPv6 address
+        text = "http://" + text
+    parts = urlsplit(text)
+    try:
+        has_port = parts.port is not None
+    except ValueError:
+        has_port = False
+    if not has_port and parts.hostname:
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        text = f"{parts.scheme}://{host}:{default_port}{parts.path}"
+    return text
+
+
 def hello_with_secret(secret: bytes, peer_url: str, timeout: float = 5.0,
                       identity: Identity | None = None) -> HelloAnswer | None:
     """Say hello to *peer_url* with a household *secret*: the answer when the peer proves the same household,
@@ -84,9 +102,7 @@ def hello_with_secret(secret: bytes, peer_url: str, timeout: float = 5.0,
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         identity = Identity(Ed25519PrivateKey.generate())  # the wizard checks a code before it has a node key
-    url = peer_url.rstrip("/") + "/mesh/v1/hello"
-    if "://" not in url:
-        url = "http://" + url
+    url = peer_url_of(peer_url) + "/mesh/v1/hello"
     challenge = secrets.token_bytes(16)
     body = hello_body(identity.node_id, identity.default_name, identity.public_bytes, challenge, 0)
     headers = signed_headers(key, identity.node_id, "POST", url, body)

@@ -179,3 +179,12 @@ def test_parse_peer():
     assert parse_peer("hearth-7f3a.local:9000", 8080) == ("hearth-7f3a.local", 9000)
     assert parse_peer("[fe80::1]:81", 8080) == ("fe80::1", 81)
     assert parse_peer("fe80::1", 8080) == ("fe80::1", 8080)
+
+
+def test_peer_url_from_what_a_person_types():
+    from hearth.mesh.client import peer_url_of
+
+    assert peer_url_of("10.0.0.5") == "http://10.0.0.5:8080"
+    assert peer_url_of("hearth-7f3a.local:9000/") == "http://hearth-7f3a.local:9000"
+    assert peer_url_of("http://10.0.0.5:8081") == "http://10.0.0.5:8081"
+    assert peer_url_of("fe80::1") == peer_url_of("[fe80::1]") == "http://[fe80::1]:8080"
