@@ -11,7 +11,9 @@ sampling parameters (greedy, repeat_penalty 1.0), each round streams one complet
 
 Each round uses a fresh prompt (same for all three) so prompt evaluation is measured, and rotates the
 order. It reports medians of time to first token (TTFT, from sending the request to the first text)
-and ms per token after the first. The last line is one JSON object.
+and ms per token after the first; the ratios and added TTFT are medians of per-round comparisons, which
+hold up better than ratios of medians when other programs load the machine. The last line is one JSON
+object (with the load average at the end, to judge how quiet the machine was).
 
     .venv/bin/python bench/serving.py [--rounds 7] [--tokens 128] [--threads 2]
 """
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, help="GGUF file (default: Gemma 3 270M from its PyPI package)")
     p.add_argument("--no-server", action="store_true", help="skip llama_cpp.server")
     args = p.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the servers started below are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     model = args.model or gemma()
     tmp = Path(tempfile.mkdtemp(prefix="hearth-bench-"))
     hearth_port, server_port = free_port(), free_port()
@@ -230,7 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     def med(name: str, key: str) -> float:
         return statistics.median(x[key] for x in results[name]) if results[name] else float("nan")
 
-    summary = {
+    def paired(name: str, key: str, ratio: bool) -> float:
+        # Per-round comparisons first, then the median: load from other programs drifts over seconds,
+        # so a round's three measurements share their conditions more than any two rounds do.
+        pairs = [(x[key] / d[key]) if ratio else (x[key] - d[key]) for x, d in zip(results[name], results["direct"],
+                                                                                  strict=False)]
+        return statistics.median(pairs) if pairs else float("nan")
+
+    summary: dict[str, Any] = {
         "model": model.name, "rounds": args.rounds, "tokens": args.tokens, "threads": args.threads,
         "direct_ms_per_token": round(med("direct", "ms_per_token"), 3),
         "hearth_ms_per_token": round(med("hearth", "ms_per_token"), 3),
@@ -238,11 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         "direct_ttft_ms": round(med("direct", "ttft_ms"), 2),
         "hearth_ttft_ms": round(med("hearth", "ttft_ms"), 2),
         "server_ttft_ms": round(med("server", "ttft_ms"), 2),
+        "ms_per_token_ratio": round(paired("hearth", "ms_per_token", True), 4),
+        "ttft_added_ms": round(paired("hearth", "ttft_ms", False), 2),
+        "llama_cpp_server_ratio": round(paired("server", "ms_per_token", True), 4),
+        "llama_cpp_server_ttft_added_ms": round(paired("server", "ttft_ms", False), 2),
+        "load_average": round(os.getloadavg()[0], 2),
     }
-    summary["ms_per_token_ratio"] = round(summary["hearth_ms_per_token"] / summary["direct_ms_per_token"], 4)
-    summary["ttft_added_ms"] = round(summary["hearth_ttft_ms"] - summary["direct_ttft_ms"], 2)
-    summary["llama_cpp_server_ratio"] = round(summary["server_ms_per_token"] / summary["direct_ms_per_token"], 4)
-    summary["llama_cpp_server_ttft_added_ms"] = round(summary["server_ttft_ms"] - summary["direct_ttft_ms"], 2)
     print(f"medians over {args.rounds} rounds of {args.tokens} tokens, {args.threads} threads:")
     for name in names:
         print(f"  {name:7s} {med(name, 'ms_per_token'):7.3f} ms/token   TTFT {med(name, 'ttft_ms'):7.2f} ms")
