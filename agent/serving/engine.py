@@ -134,8 +134,11 @@ class Engine:
                                 hint="check that the file is a complete GGUF model") from None
         n_layer = llama_cpp.llama_model_n_layer(llama.model)
         done, total = capture.offloaded or (0, n_layer + 1)
+        devices = llamacpp.devices()
+        gpus = [d["name"] for d in devices if d["type"] in ("gpu", "igpu")]
         offload = {
-            "devices": llamacpp.devices(),
+            "backend": ", ".join(gpus) if done and gpus else "cpu",
+            "devices": devices,
             "cpu_variant": llamacpp.cpu_variant(),
             "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
             "layers_offloaded": done,
