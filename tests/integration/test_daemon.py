@@ -154,3 +154,40 @@ def test_sd_notify_ready_watchdog_and_stopping_without_systemd_python(tmp_path: 
     assert joined.index("READY=1") < joined.index("STOPPING=1")
     # journald-friendly: priority prefixes, no timestamps.
     assert "<6>hearth.agent: stopped" in stderr.splitlines()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_100_concurrent_clients_complete_or_get_429(agent_factory: AgentFactory, gemma_path: Path,
+                                                     llama_runtime: Any) -> None:
+    import asyncio
+
+    agent = agent_factory(gemma_path, api__queue_depth=4)
+    body = {"model": agent.model, "prompt": "Tell me about the hearth.", "max_tokens": 4, "temperature": 0}
+    rss_before = _rss_kib(agent.process.pid)
+
+    async def one(client: httpx.AsyncClient) -> httpx.Response:
+        return await client.post(agent.url + "/v1/completions", json=body)
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            return await asyncio.gather(*(one(client) for _ in range(100)))
+
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429, 503}, codes
+    assert codes.count(200) >= 5  # one running + four waiting at least got through
+    busy = [r for r in responses if r.status_code == 429]
+    assert busy and all(r.headers.get("retry-after") for r in busy)
+    assert all(r.json()["usage"]["completion_tokens"] == 4 for r in responses if r.status_code == 200)
+    # The node is still serving, and its memory did not grow with the burst.
+    r = httpx.post(agent.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200
+    assert _rss_kib(agent.process.pid) - rss_before < 64 * 1024
+    print(f"100 clients: {codes.count(200)} served, {len(busy)} told 429")
