@@ -169,6 +169,22 @@ def measure(stream: Callable[[], Iterator[str]]) -> dict[str, float]:
             "text": "".join(text)}
 
 
+def run_rounds(args: argparse.Namespace, paths: dict[str, Callable[[str], Iterator[str]]], names: list[str],
+               results: dict[str, list[dict[str, Any]]]) -> None:
+    """Each round: one fresh prompt, every path once, in rotating order."""
+    for r in range(args.rounds):
+        prompt = PROMPT.format(n=r + 1)
+        order = names[r % len(names):] + names[:r % len(names)]
+        row = {}
+        for name in order:
+            row[name] = measure(lambda name=name, prompt=prompt: paths[name](prompt))
+            results[name].append(row[name])
+        same = len({row[n]["text"] for n in row}) == 1
+        print(f"round {r + 1}: " + "  ".join(
+            f"{n} {row[n]['ms_per_token']:.2f} ms/tok ttft {row[n]['ttft_ms']:.1f} ms ({row[n]['pieces']:.0f})"
+            for n in names) + ("" if same else "  [texts differ]"), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the interleaved benchmark and print the figures."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -219,17 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         names = list(paths)
         for name in names:  # warm-up: first-request costs (page cache, allocations) are not serving overhead
             measure(lambda name=name: paths[name](PROMPT.format(n="zero")))
-        for r in range(args.rounds):
-            prompt = PROMPT.format(n=r + 1)
-            order = names[r % len(names):] + names[:r % len(names)]
-            row = {}
-            for name in order:
-                row[name] = measure(lambda name=name, prompt=prompt: paths[name](prompt))
-                results[name].append(row[name])
-            same = len({row[n]["text"] for n in row}) == 1
-            print(f"round {r + 1}: " + "  ".join(
-                f"{n} {row[n]['ms_per_token']:.2f} ms/tok ttft {row[n]['ttft_ms']:.1f} ms ({row[n]['pieces']:.0f})"
-                for n in names) + ("" if same else "  [texts differ]"), flush=True)
+        try:
+            run_rounds(args, paths, names, results)
+        except (KeyboardInterrupt, SystemExit):
+            print("interrupted: figures from the rounds done so far", flush=True)
+            args.rounds = len(results["direct"])
+            if not args.rounds:
+                raise
 
     def med(name: str, key: str) -> float:
         return statistics.median(x[key] for x in results[name]) if results[name] else float("nan")
