@@ -10,7 +10,8 @@ The image is never booted in place: each VM gets a scratch copy (optionally grow
 partition's growth) and its own copy of the UEFI variable store. The serial console goes to a unix
 socket (for pexpect-style driving) and is logged to a file that `VM.wait_for()` watches. A monitor socket
 gives a clean `system_powerdown`. User networking forwards a host port to the guest's API (8080);
-`lan=` adds a second NIC on a multicast socket network shared by every VM given the same address.
+`lan=` adds a second NIC on a virtual LAN: "GROUP:PORT" (qemu socket multicast, any number of guests)
+or "unix:LOCAL:REMOTE" (two guests over datagram sockets, for hosts without multicast).
 """
 
 from __future__ import annotations
@@ -179,8 +180,14 @@ class VM:
         cmd += ["-netdev", user, "-device", "virtio-net-pci,netdev=net0"]
         if self.lan:
             mac = self.mac or "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
-            cmd += ["-netdev", f"socket,id=lan0,mcast={self.lan}",
-                    "-device", f"virtio-net-pci,netdev=lan0,mac={mac}"]
+            if self.lan.startswith("unix:"):
+                # unix:LOCAL:REMOTE - a two-guest LAN over datagram sockets (no host multicast needed).
+                _, local, remote = self.lan.split(":", 2)
+                netdev = (f"dgram,id=lan0,local.type=unix,local.path={local},"
+                          f"remote.type=unix,remote.path={remote}")
+            else:
+                netdev = f"socket,id=lan0,mcast={self.lan}"  # every guest on this group:port shares the LAN
+            cmd += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=lan0,mac={mac}"]
         cmd += ["-device", "virtio-rng-pci"]
         for name, value in self.credentials.items():
             cmd += ["-smbios", f"type=11,value=io.systemd.credential:{name}={value}"]
@@ -316,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--memory", default="2G")
         p.add_argument("--cpus", type=int, default=2)
         p.add_argument("--port", type=int, help="forward 127.0.0.1:PORT to the guest's 8080")
-        p.add_argument("--lan", help="multicast group:port of a virtual LAN shared with other VMs")
+        p.add_argument("--lan", help="virtual LAN with other VMs: GROUP:PORT (multicast) or unix:LOCAL:REMOTE")
         p.add_argument("--preset", help="a hearth.yaml to put on the image's FAT partition")
         p.add_argument("--workdir", help="keep the scratch disk and logs here")
     sub.choices["check"].add_argument("--mode", default="full poweroff", help="hearth.check credential value")
