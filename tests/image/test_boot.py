@@ -51,6 +51,7 @@ def verdict(vm, timeout: float = BOOT_TIMEOUT) -> tuple[int, dict[str, str], flo
     return int(match.group(1)), lines, time.monotonic() - started
 
 
+@pytest.mark.timeout(BOOT_TIMEOUT + 900)
 def test_uefi_headless_preset_openai_and_growth(image, harness, tmp_path):
     openai = pytest.importorskip("openai")
     port = free_port()
@@ -80,7 +81,8 @@ def test_uefi_headless_preset_openai_and_growth(image, harness, tmp_path):
 
 
 class SerialDriver:
-    """Presses keys on the guest's serial console while a wizard waits for answers (pexpect-style)."""
+    """A terminal on the guest's serial console: answers the wizard's size queries (80x24, as a real
+    VT220-class terminal does) and sends keys. The harness's log file keeps everything printed."""
 
     def __init__(self, path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
@@ -90,15 +92,20 @@ class SerialDriver:
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _drain(self) -> None:
-        # The log file keeps the output; reading the socket keeps qemu from blocking on it.
+        tail = b""
         while not self.stop.is_set():
             try:
-                if not self.sock.recv(65536):
-                    return
+                data = self.sock.recv(65536)
             except TimeoutError:
                 continue
             except OSError:
                 return
+            if not data:
+                return
+            # Device status report (cursor position): Textual asks it to learn the terminal's size.
+            for _ in range((tail + data).count(b"\x1b[6n")):
+                self.send(b"\x1b[24;80R")
+            tail = data[-3:]
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -117,16 +124,21 @@ def screen_text(raw: bytes) -> bytes:
     return ANSI.sub(b"", raw)
 
 
+@pytest.mark.timeout(2 * BOOT_TIMEOUT + 300)
 def test_bios_boot_and_serial_wizard(image, harness, tmp_path):
     """Legacy BIOS (grub) boot; the first-boot wizard on the serial console, taken down its default path:
     Enter on every screen, the admin password twice, Enter to apply and to finish."""
     vm = harness.VM(image, firmware="bios", workdir=tmp_path / "vm", credentials={"hearth.check": "full"})
     with vm:
-        vm.wait_for(rb"Hearth set-up|hearth-check: exit", BOOT_TIMEOUT)
-        if b"hearth-check: exit" in vm.log():
-            pytest.fail(f"no first-boot wizard on the serial console:\n{vm.tail(60)}")
+        # Connected from the start: the wizard draws only once its size query is answered.
         driver = SerialDriver(vm.serial_socket)
         try:
+            deadline = time.monotonic() + BOOT_TIMEOUT
+            while b"Hearth set-up" not in screen_text(vm.log()) and b"hearth-check: exit" not in vm.log():
+                assert time.monotonic() < deadline and vm.proc.poll() is None, f"no wizard:\n{vm.tail(60)}"
+                time.sleep(2)
+            if b"hearth-check: exit" in vm.log():
+                pytest.fail(f"no first-boot wizard on the serial console:\n{vm.tail(60)}")
             typed_password = False
             deadline = time.monotonic() + BOOT_TIMEOUT
             while b"hearth-check: exit" not in vm.log():
@@ -152,6 +164,7 @@ def test_bios_boot_and_serial_wizard(image, harness, tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("HEARTH_IMAGE_MESH"),
                     reason="two TCG boots one after the other (~10 min): set HEARTH_IMAGE_MESH=1 to run it")
+@pytest.mark.timeout(3 * BOOT_TIMEOUT)
 def test_two_nodes_on_one_lan(image, harness, tmp_path):
     """Two VMs on one virtual LAN: node A creates the household and serves Gemma; node B joins with A's
     code, serves no model itself, and answers a chat request through A."""
