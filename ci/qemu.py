@@ -223,6 +223,8 @@ class VM:
                 return match
             if self.proc and self.proc.poll() is not None:
                 raise QemuError(f"qemu exited ({self.proc.returncode}) before {regex.pattern!r}:\n{self.tail()}")
+            if b"Kernel panic - not syncing" in data:
+                raise QemuError(f"the guest kernel panicked before {regex.pattern!r}:\n{self.tail()}")
             if time.monotonic() > deadline:
                 raise QemuError(f"no {regex.pattern!r} on the serial console after {timeout:.0f}s:\n{self.tail()}")
             time.sleep(0.5)
