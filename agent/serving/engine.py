@@ -290,10 +290,20 @@ class Engine:
             "size_bytes": int(self.llama._model.size()),
             "can_embed": self.can_embed,
             "family": self.family,
-            "quantization": _FILE_TYPES.get(str(ftype), str(ftype)),
+            "quantization": _quantization(ftype),
             "chat_format": self.llama.chat_format or "",
             "offload": self.offload,
         }
+
+
+def _quantization(ftype: Any) -> str:
+    """llama.cpp's general.file_type as the name people use (Q4_K_M), one table for the whole agent."""
+    from ..models.gguf import FILE_TYPES
+
+    try:
+        return FILE_TYPES.get(int(ftype), str(ftype))
+    except (TypeError, ValueError):
+        return str(ftype)
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
@@ -332,6 +342,3 @@ DEFAULT_CONTEXT_CAP = 8192
 _FORMAT_BY_ARCH = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "qwen2": "chatml", "qwen3": "chatml"}
 """Chat formats for GGUFs that carry no template of their own (Gemma 3 270M base has none)."""
 
-_FILE_TYPES = {"0": "F32", "1": "F16", "2": "Q4_0", "3": "Q4_1", "7": "Q8_0", "8": "Q5_0", "9": "Q5_1",
-               "10": "Q2_K", "11": "Q3_K_S", "12": "Q3_K_M", "13": "Q3_K_L", "14": "Q4_K_S", "15": "Q4_K_M",
-               "16": "Q5_K_S", "17": "Q5_K_M", "18": "Q6_K", "30": "BF16"}
