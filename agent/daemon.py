@@ -170,6 +170,62 @@ def _store_files(config: Config) -> list[Path]:
         return []
 
 
+def _base_options(config: Config) -> dict[str, Any]:
+    return {"context": config.model.context, "threads": config.model.threads,
+            "gpu_layers": config.model.gpu_layers, "chat_format": config.model.chat_format}
+
+
+def plan_download(config: Config, report: Any = None) -> tuple[str, dict[str, Any], int | None] | None:
+    """(catalogue name, load options, size) when the model this node should serve is a catalogue entry
+    that is not in the store yet; None when there is nothing to fetch (or nothing the catalogue knows)."""
+    try:
+        from .models.catalogue import load as load_catalogue
+        from .models.store import Store
+    except ImportError:
+        return None
+    catalogue = load_catalogue()
+    options = _base_options(config)
+    name = config.model.name.strip() or "auto"
+    if report is not None:
+        from . import select
+
+        choice = select.select(report, config)
+        if choice is None:
+            return None
+        options.update(context=choice.context, threads=choice.threads, gpu_layers=choice.gpu_layers)
+        name = choice.model.name
+    entry = catalogue.get(name)
+    if entry is None or Store.from_config(config, catalogue).find(entry.name) is not None:
+        return None
+    if not options.get("chat_format") and entry.chat_format:
+        options["chat_format"] = entry.chat_format
+    return entry.name, options, entry.size_bytes
+
+
+def fallback_from_store(config: Config, report: Any) -> tuple[str, Path, dict[str, Any]] | None:
+    """For ``auto`` when the profile's model is not here yet: the biggest stored model that fits this
+    hardware (select sizes files in the store), or None."""
+    if report is None:
+        return None
+    try:
+        from . import select
+        from .models.store import Store
+    except ImportError:
+        return None
+    for stored in sorted(Store.from_config(config).list(), key=lambda m: -m.size):
+        try:
+            choice = select.select(report, config.replace(**{"model.name": stored.file}))
+        except HearthError as e:
+            log.info("%s in the store does not fit here: %s", stored.file, e.message)
+            continue
+        if choice is None:
+            continue
+        options = _base_options(config)
+        options.update(context=choice.context, threads=choice.threads, gpu_layers=choice.gpu_layers)
+        return stored.name, stored.path, options
+    return None
+
+
 def llama_devices_in_subprocess(timeout: float = 60.0) -> list[dict[str, Any]]:
     """llama.cpp's devices, asked in a child process: GPU runtimes stay out of the agent, and a driver
     that crashes while probing takes only the child down."""
@@ -215,6 +271,10 @@ class Node:
         self.warnings: list[str] = []
         self.error: str | None = None
         self.started = time.time()
+        self.pending: tuple[str, dict[str, Any], int | None] | None = None
+        """(catalogue name, load options, size) of a model to fetch once the API is up."""
+        self.acquisition: Any = None
+        """The background fetch of that model (hearth.serving.acquire.Acquisition) while it runs."""
 
     async def start_models(self) -> None:
         """Probe the hardware, choose the model and start its worker (loading goes on in the background)."""
@@ -231,16 +291,73 @@ class Node:
         try:
             chosen = await asyncio.to_thread(resolve_model, self.config, self.report)
         except HearthError as e:
-            self.error = e.message + (f" ({e.hint})" if e.hint else "")
-            log.error("%s", self.error)
+            if not await self._plan_fetch(e):
+                self.error = e.message + (f" ({e.hint})" if e.hint else "")
+                log.error("%s", self.error)
             return
         if chosen is None:
             log.info("model.name is 'none': this node serves no model itself")
             return
-        name, path, options = chosen
+        self._serve(*chosen)
+
+    async def _plan_fetch(self, missing: HearthError) -> bool:
+        """The chosen model is not in the store: plan its download (or, for ``auto``, serve a stored model
+        that fits now). False when *missing* is some other problem."""
+        try:
+            from .models.errors import ModelNotInStore
+        except ImportError:
+            return False
+        if not isinstance(missing, ModelNotInStore):
+            return False
+        try:
+            plan = await asyncio.to_thread(plan_download, self.config, self.report)
+        except HearthError as e:
+            log.warning("cannot plan a download: %s", e.message)
+            return False
+        if plan is None:
+            return False
+        name = plan[0]
+        if (self.config.model.name.strip() or "auto") == "auto":
+            fallback = await asyncio.to_thread(fallback_from_store, self.config, self.report)
+            if fallback is not None:
+                stored, path, options = fallback
+                self.warnings.append(f"the profile prefers {name} for this node; serving {stored} from the "
+                                     f"store (hearth models pull {name})")
+                log.warning("%s", self.warnings[-1])
+                self._serve(stored, path, options)
+                return True
+        log.info("%s is not in the store: fetching it once the API is up", name)
+        self.pending = plan
+        return True
+
+    def _serve(self, name: str, path: Path, options: dict[str, Any]) -> None:
         log.info("serving %s from %s", name, path)
         upstream = self.pool.add(name, path, **options)
         self.routing.add_upstream(upstream)
+
+    def start_acquisition(self) -> None:
+        """Fetch the pending model in the background (peer first, then the catalogue's sources)."""
+        if self.pending is None or self.acquisition is not None:
+            return
+        from .serving.acquire import Acquisition
+
+        name, options, size = self.pending
+
+        async def ready(path: Path) -> None:
+            # Choose again now that the file is here: its own metadata replaces the catalogue's figures.
+            try:
+                chosen = await asyncio.to_thread(resolve_model, self.config, self.report)
+            except HearthError as e:
+                log.warning("after the download: %s; serving with the planned settings", e.message)
+                chosen = None
+            if chosen is not None and chosen[0] == name:
+                self._serve(*chosen)
+            else:
+                self._serve(name, path, options)
+            self.pending = None
+
+        self.acquisition = Acquisition(self.config, name, ready, size_hint=size)
+        self.acquisition.start()
 
     def _got_report(self, task: asyncio.Task[Any]) -> None:
         if not task.cancelled() and task.exception() is None:
@@ -305,9 +422,21 @@ class Node:
             status = "loading"
         warnings = list(self.warnings) + ([self.error] if self.error else [])
         warnings += [f"model {n}: {m['error']}" for n, m in models.items() if m["error"] and m["state"] != "ready"]
-        return {"status": status, "models": models, "warnings": warnings,
+        download: dict[str, Any] | None = None
+        if self.acquisition is not None and self.acquisition.state != "done":
+            download = self.acquisition.to_dict()
+        elif self.pending is not None and self.acquisition is None:  # the API is not up yet
+            download = {"model": self.pending[0], "state": "waiting", "line": f"downloading {self.pending[0]}: starting"}
+        if download is not None:
+            warnings.append(download["line"])
+            if "ready" not in states and not self.error:
+                status = "error" if download["state"] in ("retrying", "failed") else "loading"
+        body = {"status": status, "models": models, "warnings": warnings,
                 "uptime_s": round(time.time() - self.started, 1),
                 "peers": len(self.mesh.peers) if self.mesh is not None else 0}
+        if download is not None:
+            body["download"] = download
+        return body
 
     def metrics(self) -> dict[str, float]:
         """Gauges and counters for /metrics, summed over this node's models."""
@@ -325,7 +454,9 @@ class Node:
         }
 
     async def stop(self, timeout: float) -> None:
-        """Leave the mesh, then stop the workers."""
+        """Stop a model download (its partial stays for the next start), leave the mesh, stop the workers."""
+        if self.acquisition is not None:
+            await self.acquisition.stop()
         if self.mesh is not None:
             try:
                 await asyncio.wait_for(self.mesh.stop(), timeout)
@@ -399,7 +530,10 @@ class Agent:
         host, port = self.config.api.host, self.config.api.port
         log.info("API listening on http://%s:%d", host, port)
         loading = ", loading the model" if self.node.pool.upstreams else ""
+        if self.node.pending is not None:
+            loading = f", downloading {self.node.pending[0]}"
         self.notify("READY=1", f"STATUS=API on :{port}{loading}")
+        self.node.start_acquisition()
         self._spawn(self._report_readiness(), "readiness")
         interval = self.notify.watchdog_interval()
         if interval:
@@ -471,10 +605,13 @@ class Agent:
         last = None
         while True:
             h = self.node.health()
-            summary = (h["status"], tuple(sorted((n, m["state"]) for n, m in h["models"].items())))
+            download = (h.get("download") or {}).get("line")
+            summary = (h["status"], tuple(sorted((n, m["state"]) for n, m in h["models"].items())), download)
             if summary != last:
                 last = summary
                 states = ", ".join(f"{n} {m['state']}" for n, m in h["models"].items()) or "no local model"
+                if download:
+                    states = download if not h["models"] else f"{states}; {download}"
                 self.notify(f"STATUS={h['status']}: {states}")
                 if h["status"] == "ready":
                     log.info("ready: %s", states)

@@ -4,6 +4,11 @@ Each entry carries the architecture numbers (layers, KV heads, head size) needed
 *before* a download, so profile selection can pick a model the node has not fetched yet. Hashes not yet
 verified are ``sha256_pending`` and get pinned into ``<state>/models/pins.yaml`` by the first download
 whose file passes every other check.
+
+``HEARTH_CATALOGUE=/path/to/models.yaml`` in the environment replaces the shipped catalogue everywhere
+(the store, profile selection, the agent): for tests and for a household that keeps its own list. Sources
+are https:// URLs or ``pypi:<package>``; plain http:// is accepted only for loopback hosts (127.0.0.0/8,
+localhost, [::1]), which is what tests serve from.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .gguf import kv_cache_bytes
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_LOOPBACK_HTTP = re.compile(r"^http://(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?/")
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*\.gguf$")
 
 
@@ -107,7 +113,7 @@ def _entry(raw: Any, index: int, where: str) -> CatalogueEntry:
     if sha is not None and pending:
         raise CatalogueError(f"{label}: sha256 is given but sha256_pending is true")
     sources = raw["sources"]
-    if not sources or not all(isinstance(s, str) and (s.startswith("https://") or s.startswith("pypi:"))
+    if not sources or not all(isinstance(s, str) and (s.startswith(("https://", "pypi:")) or _LOOPBACK_HTTP.match(s))
                               for s in sources):
         raise CatalogueError(f"{label}: sources must be a non-empty list of https:// URLs or pypi:<package>")
     data = dict(raw)
@@ -170,7 +176,10 @@ def parse(text: str, source: str = "models.yaml") -> Catalogue:
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Catalogue:
-    """The catalogue at *path*, or the one shipped in ``hearth.profiles`` (cached)."""
+    """The catalogue at *path*, else the one ``$HEARTH_CATALOGUE`` names, else the one shipped in
+    ``hearth.profiles`` (cached)."""
+    if path is None and os.environ.get("HEARTH_CATALOGUE"):
+        path = os.environ["HEARTH_CATALOGUE"]
     if path is not None:
         p = Path(path)
         try:
