@@ -1,0 +1,189 @@
+"""``hearth agent`` whose model is a catalogue entry not in the store: it fetches it in the background.
+
+The catalogue (``HEARTH_CATALOGUE``) has one entry whose source is a loopback HTTP server serving a
+generated GGUF with Range support, slowly enough to watch the progress. /health says 503 with the
+progress line while the file comes, then 200 and a completion works. With the server down the agent
+stays up, /health says 503 "error" with the reason, and it recovers once the server comes back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("gguf")
+
+AgentFactory = Any  # the fixtures' types live in conftest.py
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model of a few MiB: bigger than the download's 1 MiB chunk, so progress shows between chunks."""
+    spec = importlib.util.spec_from_file_location("hearth_it_conftest", Path(__file__).with_name("conftest.py"))
+    assert spec is not None and spec.loader is not None
+    helpers = sys.modules.get(spec.name) or importlib.util.module_from_spec(spec)
+    if spec.name not in sys.modules:
+        sys.modules[spec.name] = helpers  # its dataclasses look their module up there
+        spec.loader.exec_module(helpers)
+    return Path(helpers.make_tiny_gguf(tmp_path_factory.mktemp("src") / "tiny-model.gguf", n_embd=256, n_ff=512))
+
+
+class Handler(BaseHTTPRequestHandler):
+    """GET of one file with Range and an ETag, 64 KiB at a time with a pause (a slow link)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        data: bytes = self.server.data  # type: ignore[attr-defined]
+        start, status = 0, 200
+        m = re.match(r"bytes=(\d+)-$", self.headers.get("Range") or "")
+        if m and self.headers.get("If-Range") in (None, '"v1"'):
+            start, status = int(m.group(1)), 206
+        body = data[start:]
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", '"v1"')
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        try:
+            for i in range(0, len(body), 65536):
+                self.wfile.write(body[i:i + 65536])
+                time.sleep(self.server.delay)  # type: ignore[attr-defined]
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+class Server:
+    """The loopback model server; start() and stop() it at will on the same port."""
+
+    def __init__(self, data: bytes, port: int, delay: float) -> None:
+        self.data, self.port, self.delay = data, port, delay
+        self.httpd: ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        httpd.daemon_threads = True
+        httpd.data, httpd.delay = self.data, self.delay  # type: ignore[attr-defined]
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.httpd = httpd
+
+    def stop(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def catalogue(tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    """A one-entry catalogue ('tiny') whose source is a loopback server (not started yet)."""
+    data = model_file.read_bytes()
+    server = Server(data, _free_port(), delay=0.04)
+    path = tmp_path / "models.yaml"
+    path.write_text(f"""models:
+  - name: tiny
+    display_name: Tiny
+    family: test
+    parameters_b: 0.01
+    quantization: F32
+    file: tiny-model.gguf
+    size_bytes: {len(data)}
+    sources: ["http://127.0.0.1:{server.port}/tiny-model.gguf"]
+    sha256: {hashlib.sha256(data).hexdigest()}
+    licence: test
+    context_length: 256
+    n_layers: 2
+    n_kv_heads: 4
+    head_dim: 64
+    embedding_length: 256
+""")
+    monkeypatch.setenv("HEARTH_CATALOGUE", str(path))
+    monkeypatch.setenv("HEARTH_ACQUIRE_BACKOFF", "0.3,1")
+    yield server
+    server.stop()
+
+
+def _health(agent: Any) -> httpx.Response | None:
+    try:
+        return agent.health()  # type: ignore[no-any-return]
+    except httpx.HTTPError:
+        return None
+
+
+def _complete(agent: Any) -> str:
+    r = httpx.post(agent.url + "/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 4},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    return str(r.json()["choices"][0]["text"])
+
+
+def test_missing_catalogue_model_is_downloaded_then_served(agent_factory: AgentFactory, catalogue: Server,
+                                                           llama_runtime: Any) -> None:
+    catalogue.start()
+    agent = agent_factory("tiny", wait=False)
+    progress: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert agent.process.poll() is None, agent.log()
+        r = _health(agent)
+        if r is None:
+            time.sleep(0.02)
+            continue
+        if r.status_code == 200:
+            break
+        body = r.json()
+        assert r.status_code == 503 and body["status"] == "loading", body
+        progress += [w for w in body["warnings"] if re.fullmatch(r"downloading tiny: \d+% \(.+ of .+ MiB\)", w)]
+        time.sleep(0.05)
+    assert agent.health().status_code == 200, agent.log()
+    assert progress, "no progress line seen while downloading"
+    body = agent.health().json()
+    assert body["models"]["tiny"]["state"] == "ready" and "download" not in body
+    assert (agent.state_dir / "models" / "tiny-model.gguf").is_file()
+    assert not list((agent.state_dir / "models" / ".partial").glob("*.part"))
+    assert _complete(agent)
+
+
+def test_source_down_is_an_error_the_agent_survives_and_recovers(agent_factory: AgentFactory, catalogue: Server,
+                                                                 llama_runtime: Any) -> None:
+    agent = agent_factory("tiny", wait=False)  # the server is not listening: connection refused
+    deadline = time.monotonic() + 60
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        assert agent.process.poll() is None, agent.log()
+        r = _health(agent)
+        if r is not None:
+            assert r.status_code == 503
+            body = r.json()
+            if body["status"] == "error" and body["download"]["attempts"] >= 2:
+                break
+        time.sleep(0.05)
+    assert body.get("status") == "error", body
+    assert any(w.startswith("download of tiny failed: cannot connect to 127.0.0.1") for w in body["warnings"]), body
+    assert agent.process.poll() is None
+    catalogue.start()
+    agent.wait_ready(timeout=60)
+    assert _complete(agent)
