@@ -51,6 +51,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         data: bytes = self.server.data  # type: ignore[attr-defined]
+        self.server.ranges.append(self.headers.get("Range"))  # type: ignore[attr-defined]
         start, status = 0, 200
         m = re.match(r"bytes=(\d+)-$", self.headers.get("Range") or "")
         if m and self.headers.get("If-Range") in (None, '"v1"'):
@@ -76,11 +77,13 @@ class Server:
     def __init__(self, data: bytes, port: int, delay: float) -> None:
         self.data, self.port, self.delay = data, port, delay
         self.httpd: ThreadingHTTPServer | None = None
+        self.ranges: list[str | None] = []
+        """The Range header of every request, in order (None for a whole-file GET)."""
 
     def start(self) -> None:
         httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         httpd.daemon_threads = True
-        httpd.data, httpd.delay = self.data, self.delay  # type: ignore[attr-defined]
+        httpd.data, httpd.delay, httpd.ranges = self.data, self.delay, self.ranges  # type: ignore[attr-defined]
         threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self.httpd = httpd
 
@@ -187,3 +190,30 @@ def test_source_down_is_an_error_the_agent_survives_and_recovers(agent_factory: 
     catalogue.start()
     agent.wait_ready(timeout=60)
     assert _complete(agent)
+
+
+def test_sigterm_mid_download_keeps_the_partial_and_the_next_start_resumes(
+        agent_factory: AgentFactory, catalogue: Server, llama_runtime: Any) -> None:
+    catalogue.delay = 0.15  # slow: about 0.4 MiB/s
+    catalogue.start()
+    agent = agent_factory("tiny", wait=False)
+    partial = agent.state_dir / "models" / ".partial"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        part = partial / "tiny-model.gguf.part"
+        if part.is_file() and part.stat().st_size >= 1 << 20:
+            break
+        assert agent.process.poll() is None, agent.log()
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    assert agent.stop() == 0, agent.log()
+    assert time.monotonic() - t0 < 15, "shutdown waited for the download"
+    done = (partial / "tiny-model.gguf.part").stat().st_size
+    assert done >= 1 << 20 and (partial / "tiny-model.gguf.journal.json").is_file()
+    assert not (agent.state_dir / "models" / "tiny-model.gguf").exists()
+
+    catalogue.httpd.delay = 0.0  # type: ignore[union-attr]
+    again = agent_factory("tiny", wait=False, state__dir=str(agent.state_dir))
+    again.wait_ready(timeout=120)
+    assert catalogue.ranges[-1] == f"bytes={done}-", catalogue.ranges
+    assert _complete(again)

@@ -232,3 +232,29 @@ def test_health_shows_the_download_and_its_error(tmp_path: Path) -> None:
     assert h["status"] == "error" and "not enough space" in h["warnings"][-1]
     acq.state = "done"
     assert node.health()["status"] == "ready" and "download" not in node.health()
+
+
+def test_systemd_status_line_mirrors_the_download(tmp_path: Path) -> None:
+    agent = daemon.Agent(cfg(tmp_path))
+    sent: list[str] = []
+    agent.notify = lambda *fields: sent.extend(fields)  # type: ignore[assignment,method-assign]
+
+    async def ready(path: Path) -> None:
+        pass
+
+    acq = Acquisition(agent.config, "gemma3-4b", ready, size_hint=4 * GIB)
+    acq.state = "downloading"
+    agent.node.acquisition = acq
+
+    async def main() -> None:
+        task = asyncio.get_running_loop().create_task(agent._report_readiness())
+        while not sent:
+            await asyncio.sleep(0.01)
+        acq._progress(GIB, None, 1.0)
+        while len(sent) < 2:
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(main())
+    assert sent == ["STATUS=loading: downloading gemma3-4b: starting",
+                    "STATUS=loading: downloading gemma3-4b: 25% (1.0 of 4.0 GiB)"]
