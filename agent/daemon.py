@@ -6,6 +6,12 @@ SIGINT, and a staged shutdown with a timeout (stop taking requests and let strea
 stop the workers), after which the previous signal handlers are restored. systemd hears READY=1 once the
 API listens (``/health`` says 503 until the model is loaded), STATUS= lines as things change, WATCHDOG=1
 pings, and STOPPING=1.
+
+A model the node should serve that is a catalogue entry missing from the store does not stop the agent:
+once the API is up it is fetched in the background (a household peer first, then the catalogue's
+sources; hearth.serving.acquire), /health says 503 "loading" with the progress line (or "error" with
+the reason while it waits to retry), and the worker starts when the file is in. With ``auto``, a stored
+model that fits is served meanwhile instead, with a warning naming the profile's choice.
 """
 
 from __future__ import annotations

@@ -258,3 +258,30 @@ def test_systemd_status_line_mirrors_the_download(tmp_path: Path) -> None:
     asyncio.run(main())
     assert sent == ["STATUS=loading: downloading gemma3-4b: starting",
                     "STATUS=loading: downloading gemma3-4b: 25% (1.0 of 4.0 GiB)"]
+
+
+def test_node_plans_a_fetch_or_serves_a_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hearth.hardware import probe
+    from hearth.models.errors import ModelNotInStore
+
+    served: list[tuple[str, Path]] = []
+    monkeypatch.setattr(daemon.Node, "_serve", lambda self, name, path, options: served.append((name, path)))
+    missing = ModelNotInStore("model 'gemma3-4b' is not in the store yet", hint="hearth models pull gemma3-4b")
+
+    node = daemon.Node(cfg(tmp_path / "empty"))
+    node.report = probe(MACHINES / "minipc-n100")
+    assert asyncio.run(node._plan_fetch(missing)) is True
+    assert node.pending is not None and node.pending[0] == "gemma3-4b" and not served
+    assert node.health()["status"] == "loading"
+
+    node = daemon.Node(cfg(tmp_path / "some"))
+    node.report = probe(MACHINES / "minipc-n100")
+    node.config.models_dir.mkdir(parents=True)
+    make_gguf(node.config.models_dir / "small.gguf")
+    assert asyncio.run(node._plan_fetch(missing)) is True
+    assert node.pending is None and served == [("small", node.config.models_dir / "small.gguf")]
+    assert node.warnings == ["the profile prefers gemma3-4b for this node; serving small from the store "
+                             "(hearth models pull gemma3-4b)"]
+
+    other = daemon.Node(cfg(tmp_path / "x"))
+    assert asyncio.run(other._plan_fetch(daemon.StartupError("port taken"))) is False
