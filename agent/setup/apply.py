@@ -204,7 +204,20 @@ def write_hostname(root: Path, cfg: Config) -> str:
     lines = [ln for ln in lines if not ln.startswith("127.0.1.1")]
     lines.insert(1 if lines else 0, f"127.0.1.1\t{name}")
     changed |= _write_if_changed(hosts, "\n".join(lines) + "\n")
+    if root.resolve() == Path("/"):
+        _set_running_hostname(name)
     return f"{name}" + ("" if changed else " (unchanged)")
+
+
+def _set_running_hostname(name: str) -> None:
+    """Rename the running system too, so the console, DHCP and mDNS use the name before any reboot."""
+    import socket
+
+    try:
+        if socket.gethostname() != name:
+            socket.sethostname(name)
+    except (OSError, AttributeError) as e:  # not root, or a sandbox without the UTS namespace right
+        log.warning("cannot set the running hostname to %s: %s (it applies at next boot)", name, e)
 
 
 def write_keymap(root: Path, keymap: str) -> str:
