@@ -212,10 +212,10 @@ class Engine:
             return
         llama = self.llama
         if request.seed is not None:
-            if request.temperature > 0:
-                # Reusing the cached prompt prefix changes the logits in the last bits (one token
-                # evaluated alone instead of in a batch); a seeded sample must repeat exactly.
-                llama.reset()
+            # Reusing the cached prompt prefix changes the logits in the last bits (one token evaluated
+            # alone instead of in a batch), enough to flip a near-tie even under greedy sampling: a
+            # seeded request asks to repeat exactly, so it evaluates its whole prompt afresh.
+            llama.reset()
             llama.set_seed(request.seed)
         else:
             llama.set_seed(random.randrange(2**31))
