@@ -84,16 +84,7 @@ class _Sampling(_Body):
     def _common(self, max_tokens: int | None) -> dict[str, Any]:
         if self.n not in (None, 1):
             raise ApiError(400, "n > 1 is not supported: send one request per completion", param="n")
-        return {
-            "max_tokens": max_tokens,
-            "temperature": _pick(self.temperature, "temperature"),
-            "top_p": _pick(self.top_p, "top_p"),
-            "top_k": _pick(self.top_k, "top_k"),
-            "min_p": _pick(self.min_p, "min_p"),
-            "repeat_penalty": _pick(self.repeat_penalty, "repeat_penalty"),
-            "seed": None if self.seed is None else self.seed % (1 << 32),
-            "stop": _stops(self.stop),
-        }
+        return _sampling(self, max_tokens)
 
     @property
     def include_usage(self) -> bool:
@@ -181,16 +172,7 @@ class OllamaOptions(_Body):
         limit = self.num_predict if self.num_predict is not None and self.num_predict > 0 else None
         if self.num_predict == 0:
             raise ApiError(400, "options.num_predict must not be 0", param="options.num_predict")
-        return {
-            "max_tokens": limit,
-            "temperature": _pick(self.temperature, "temperature"),
-            "top_p": _pick(self.top_p, "top_p"),
-            "top_k": _pick(self.top_k, "top_k"),
-            "min_p": _pick(self.min_p, "min_p"),
-            "repeat_penalty": _pick(self.repeat_penalty, "repeat_penalty"),
-            "seed": None if self.seed is None else self.seed % (1 << 32),
-            "stop": _stops(self.stop),
-        }
+        return _sampling(self, limit)
 
 
 class OllamaMessage(_Body):
@@ -236,6 +218,20 @@ class OllamaGenerateRequest(_Body):
 def ollama_model(name: str) -> str:
     """Ollama clients say 'name:latest' for what Hearth calls 'name'."""
     return name.removesuffix(":latest")
+
+
+def _sampling(body: Any, max_tokens: int | None) -> dict[str, Any]:
+    """GenerationRequest sampling fields from an OpenAI body or Ollama options (same field names)."""
+    return {
+        "max_tokens": max_tokens,
+        "temperature": _pick(body.temperature, "temperature"),
+        "top_p": _pick(body.top_p, "top_p"),
+        "top_k": _pick(body.top_k, "top_k"),
+        "min_p": _pick(body.min_p, "min_p"),
+        "repeat_penalty": _pick(body.repeat_penalty, "repeat_penalty"),
+        "seed": None if body.seed is None else body.seed % (1 << 32),
+        "stop": _stops(body.stop),
+    }
 
 
 def _pick(value: Any, name: str) -> Any:
