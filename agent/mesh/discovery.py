@@ -27,25 +27,56 @@ class Candidate:
     """A node announced over mDNS: where to say hello, and what it claims (to be proven)."""
 
     instance: str
-    host: str
+    hosts: tuple[str, ...]
+    """Its announced IPv4 addresses that are not ours, best first (see rank_addresses)."""
     port: int
     node: str
     fingerprint: str
     version: int
 
+    @property
+    def host(self) -> str:
+        """The address to say hello to."""
+        return self.hosts[0]
 
-def local_addresses(bind: str = "0.0.0.0") -> list[str]:
-    """IPv4 addresses to announce: *bind* itself when it names one, else every non-loopback address."""
-    if bind not in ("", "0.0.0.0", "::"):
-        return [bind]
+
+def local_interfaces() -> list[tuple[str, int]]:
+    """(address, prefix length) of every non-loopback IPv4 address on this machine, now."""
     import ifaddr  # a zeroconf dependency
 
     out = []
     for adapter in ifaddr.get_adapters():
         for ip in adapter.ips:
             if isinstance(ip.ip, str) and not ipaddress.ip_address(ip.ip).is_loopback:
-                out.append(ip.ip)
+                out.append((ip.ip, int(ip.network_prefix)))
     return out
+
+
+def local_addresses(bind: str = "0.0.0.0") -> list[str]:
+    """IPv4 addresses to announce: *bind* itself when it names one, else every non-loopback address."""
+    if bind not in ("", "0.0.0.0", "::"):
+        return [bind]
+    return [a for a, _ in local_interfaces()]
+
+
+def rank_addresses(announced: list[str], local: list[tuple[str, int]]) -> tuple[str, ...]:
+    """A peer's announced addresses in the order to try them; never one of our own.
+
+    A node may announce addresses that are not reachable from here, or that are ours too: two VMs behind
+    qemu's user network are both 10.0.2.15, two PCs running Docker are both 172.17.0.1. Such an address
+    would lead back to this node, so it is dropped. Then an address on a subnet we share comes first (a
+    routable one before a link-local 169.254/16 one, which every link shares), then the rest as announced.
+    """
+    own = {a for a, _ in local}
+    nets = [ipaddress.ip_network(f"{a}/{p}", strict=False) for a, p in local]
+
+    def rank(a: str) -> int:
+        ip = ipaddress.ip_address(a)
+        if any(ip in n for n in nets):
+            return 1 if ip.is_link_local else 0
+        return 2
+
+    return tuple(sorted((a for a in dict.fromkeys(announced) if a not in own), key=rank))
 
 
 def txt_record(node: str, api_port: int, fingerprint: str) -> dict[str, str]:
@@ -69,6 +100,11 @@ class Discovery:
             server=f"{name}.local.", addresses=[socket.inet_aton(a) for a in addresses])
         self._browser: AsyncServiceBrowser | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # strong references, or the loop may drop them
+
+    @property
+    def addresses(self) -> list[str]:
+        """The addresses this node announces."""
+        return list(self.info.parsed_addresses())
 
     async def start(self) -> None:
         """Announce this node and start browsing."""
@@ -113,4 +149,8 @@ class Discovery:
             version = 0
         if props.get("node") == self.node:
             return
-        self.on_found(Candidate(name, addresses[0], int(info.port), props.get("node", ""), props.get("fp", ""), version))
+        hosts = rank_addresses(addresses, local_interfaces())
+        if not hosts:
+            log.debug("mDNS: %s announced only addresses of this node (%s)", name, ", ".join(addresses))
+            return
+        self.on_found(Candidate(name, hosts, int(info.port), props.get("node", ""), props.get("fp", ""), version))

@@ -40,6 +40,10 @@ LEARNED_GIVE_UP_S = 10.0
 """A learned candidate (from a peer's hello or state) that never answers for this long is forgotten."""
 REFUSED_RETRY_S = 5.0
 """How often a candidate that failed its proof is asked again (it may join the household later)."""
+ADDRESS_POLL_S = 2.0
+"""How often this node's own addresses are checked: a cable plugged in late, a DHCP lease that arrives
+after the agent started, or an IPv4 link-local address claimed on a LAN without DHCP all mean announcing
+again (and joining the multicast group on the new interface, which python-zeroconf does only at start)."""
 
 
 def parse_peer(spec: str, default_port: int) -> tuple[str, int]:
@@ -114,19 +118,57 @@ class MeshService:
         if self.router is not None:
             self.router.add_source(self)
         if self.config.mesh.discovery:
-            from zeroconf import InterfaceChoice, IPVersion
-            from zeroconf.asyncio import AsyncZeroconf
-
-            addresses = self.interfaces or local_addresses(self.config.api.host)
-            self._zc = AsyncZeroconf(interfaces=self.interfaces or InterfaceChoice.All, ip_version=IPVersion.V4Only)
-            self._discovery = Discovery(self._zc, self.name, self.node, self.api_port, self.identity.fingerprint,
-                                        addresses, self._found, self._gone)
-            await self._discovery.start()
+            await self._start_discovery()
+            if not self.interfaces:
+                self._spawn(self._follow_addresses())
         for spec in self.config.mesh.peers:
             host, port = parse_peer(spec, self.api_port)
             self._add_candidate(base_url(host, port), host, "manual")
         log.info("mesh: node %s (%s) in household %s, %d manual peer(s), discovery %s", self.name, self.node,
                  self.household.id, len(self.config.mesh.peers), "on" if self._discovery else "off")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_discovery(self) -> None:
+        from zeroconf import InterfaceChoice, IPVersion
+        from zeroconf.asyncio import AsyncZeroconf
+
+        addresses = self.interfaces or local_addresses(self.config.api.host)
+        self._zc = AsyncZeroconf(interfaces=self.interfaces or InterfaceChoice.All, ip_version=IPVersion.V4Only)
+        self._discovery = Discovery(self._zc, self.name, self.node, self.api_port, self.identity.fingerprint,
+                                    addresses, self._found, self._gone)
+        await self._discovery.start()
+
+    async def _stop_discovery(self) -> None:
+        if self._discovery is not None:
+            await self._discovery.stop()
+            self._discovery = None
+        if self._zc is not None:
+            await self._zc.async_close()
+            self._zc = None
+
+    async def _follow_addresses(self) -> None:
+        """Announce again, on every interface, whenever this node's addresses change."""
+        while True:
+            await asyncio.sleep(ADDRESS_POLL_S)
+            if self._discovery is None:
+                continue
+            try:
+                now = local_addresses(self.config.api.host)
+                before = self._discovery.addresses
+                if sorted(now) == sorted(before):
+                    continue
+                log.info("mesh: addresses changed (%s -> %s): announcing again", ", ".join(before) or "none",
+                         ", ".join(now) or "none")
+                await self._stop_discovery()
+                await self._start_discovery()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a failed re-announce is retried on the next change check
+                log.exception("mesh: announcing the new addresses failed")
 
     async def stop(self) -> None:
         """Unregister from mDNS, stop polling, drop every peer from the router, close the shared instances."""
@@ -139,12 +181,7 @@ class MeshService:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.candidates.clear()
-        if self._discovery is not None:
-            await self._discovery.stop()
-            self._discovery = None
-        if self._zc is not None:
-            await self._zc.async_close()
-            self._zc = None
+        await self._stop_discovery()
         if self.client is not None:
             await self.client.aclose()
             self.client = None
@@ -153,6 +190,11 @@ class MeshService:
 
     def _found(self, c: Candidate) -> None:
         url = base_url(c.host, c.port)
+        for old_url, old in list(self.candidates.items()):
+            # The node moved (a new lease, another interface): its old address is no use any more.
+            if old.source == "mdns" and old.instance == c.instance and old_url != url:
+                log.info("mesh: %s moved from %s to %s", c.instance, old_url, url)
+                self._drop_candidate(old_url)
         cand = self.candidates.get(url)
         if cand is None:
             cand = self._add_candidate(url, c.host, "mdns")
@@ -162,10 +204,13 @@ class MeshService:
         for url, cand in list(self.candidates.items()):
             if cand.instance == instance and cand.source == "mdns":
                 log.info("mesh: %s said goodbye on mDNS", instance)
-                self._forget(cand)
-                if cand.task:
-                    cand.task.cancel()
-                del self.candidates[url]
+                self._drop_candidate(url)
+
+    def _drop_candidate(self, url: str) -> None:
+        cand = self.candidates.pop(url)
+        self._forget(cand)
+        if cand.task:
+            cand.task.cancel()
 
     def _add_candidate(self, url: str, host: str, source: str) -> _Candidate:
         cand = _Candidate(url=url, host=host, source=source)

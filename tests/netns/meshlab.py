@@ -47,6 +47,7 @@ class Namespace:
     name: str
     address: str
     multicast: bool
+    cidr: str = ""
 
 
 class Lan:
@@ -61,10 +62,15 @@ class Lan:
         ip("addr", "add", f"{self.net}.254/24", "dev", self.bridge)
         ip("link", "set", self.bridge, "up")
 
-    def add(self, multicast: bool = True) -> Namespace:
-        """A new namespace with an address on the bridge; without multicast it has no route and no flag."""
+    def add(self, multicast: bool = True, address: str | None = None, now: bool = True) -> Namespace:
+        """A new namespace on the bridge; without multicast it has no route and no flag.
+
+        *address* (CIDR) replaces the subnet's; with *now* False it is only given later (give_address),
+        as a DHCP lease or an IPv4 link-local claim arrives after the agent has started."""
         i = len(self.namespaces) + 1
-        ns = Namespace(f"hn{self.tag}{i}", f"{self.net}.{i}", multicast)
+        cidr = address or f"{self.net}.{i}/24"
+        ns = Namespace(f"hn{self.tag}{i}", cidr.split("/")[0], multicast)
+        ns.cidr = cidr
         self.namespaces.append(ns)
         host_end, ns_end = f"hv{self.tag}{i}", f"hp{self.tag}{i}"
         ip("netns", "add", ns.name)
@@ -73,11 +79,27 @@ class Lan:
         ip("link", "set", host_end, "master", self.bridge, "up")
         ip("-n", ns.name, "link", "set", "lo", "up")
         ip("-n", ns.name, "link", "set", ns_end, "name", "eth0")
-        ip("-n", ns.name, "addr", "add", f"{ns.address}/24", "dev", "eth0")
+        if now:
+            self.give_address(ns)
         ip("-n", ns.name, "link", "set", "eth0", "multicast", "on" if multicast else "off", "up")
         if multicast:
             ip("-n", ns.name, "route", "add", "224.0.0.0/4", "dev", "eth0")
         return ns
+
+    @staticmethod
+    def give_address(ns: Namespace) -> None:
+        """Put the namespace's LAN address on its eth0."""
+        ip("-n", ns.name, "addr", "add", ns.cidr, "dev", "eth0")
+
+    @staticmethod
+    def add_dummy(ns: Namespace, cidr: str, name: str = "usernet") -> None:
+        """A second interface that leads nowhere, with *cidr* on it (say qemu's 10.0.2.15 on every VM).
+
+        A veth pair with both ends in the namespace (this kernel may lack the dummy module)."""
+        ip("-n", ns.name, "link", "add", name, "type", "veth", "peer", "name", f"{name}-end")
+        ip("-n", ns.name, "addr", "add", cidr, "dev", name)
+        ip("-n", ns.name, "link", "set", f"{name}-end", "up")
+        ip("-n", ns.name, "link", "set", name, "up")
 
     def close(self) -> None:
         """Remove every namespace (their veths go with them) and the bridge."""

@@ -188,3 +188,20 @@ def test_peer_url_from_what_a_person_types():
     assert peer_url_of("hearth-7f3a.local:9000/") == "http://hearth-7f3a.local:9000"
     assert peer_url_of("http://10.0.0.5:8081") == "http://10.0.0.5:8081"
     assert peer_url_of("fe80::1") == peer_url_of("[fe80::1]") == "http://[fe80::1]:8080"
+
+
+def test_rank_addresses_drops_our_own_and_prefers_a_shared_subnet():
+    from hearth.mesh.discovery import rank_addresses
+
+    # Two VMs behind qemu's user network: both 10.0.2.15; the LAN between them is link-local.
+    me = [("10.0.2.15", 24), ("169.254.7.1", 16)]
+    assert rank_addresses(["10.0.2.15", "169.254.9.9"], me) == ("169.254.9.9",)
+    # A routable shared subnet beats link-local, which beats an address on no subnet of ours.
+    me = [("192.168.1.5", 24), ("169.254.7.1", 16)]
+    assert rank_addresses(["172.18.0.1", "169.254.3.3", "192.168.1.9"], me) == (
+        "192.168.1.9", "169.254.3.3", "172.18.0.1")
+    # Only our own addresses (or none): nothing to greet.
+    assert rank_addresses(["192.168.1.5"], me) == ()
+    assert rank_addresses([], me) == ()
+    # Duplicates announced twice count once.
+    assert rank_addresses(["192.168.1.9", "192.168.1.9"], me) == ("192.168.1.9",)
