@@ -146,6 +146,14 @@ class FirstBootApp(App[int]):
             self.screen.post_message(message)
 
 
+def _draw_on_the_terminal() -> None:
+    """Textual draws on stderr. Started by systemd with StandardError=journal (or piped by anyone), it
+    would draw into the journal and leave the console blank: give stderr the terminal stdin reads from."""
+    if os.isatty(0) and not os.isatty(2):
+        log.warning("stderr is not the terminal: drawing on %s instead", os.ttyname(0))
+        os.dup2(0, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the wizard (hearth-firstboot); 0 when the node was set up, 1 when left unfinished."""
     parser = argparse.ArgumentParser(prog="hearth-firstboot", description="Hearth's first-boot wizard.")
@@ -153,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ascii", action="store_true", help="ASCII borders only (serial terminals)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, filename=os.environ.get("HEARTH_FIRSTBOOT_LOG") or None)
+    _draw_on_the_terminal()
     services = Services(args.root)
     answers, error = None, None
     try:

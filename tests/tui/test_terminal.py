@@ -32,3 +32,24 @@ def test_wizard_starts_on_a_terminal_and_quits(root: Path, term: str) -> None:
         child.close(force=True)
     assert child.exitstatus == 1
     assert not (root / "var/lib/hearth/configured").exists()
+
+
+def test_wizard_draws_on_the_terminal_when_stderr_goes_elsewhere(root: Path, tmp_path: Path) -> None:
+    """Under systemd with StandardError=journal (or with 2> redirected) Textual, which draws on stderr,
+    would draw into the journal and leave the console blank; the wizard takes its terminal back."""
+    elsewhere = tmp_path / "stderr.txt"
+    log = tmp_path / "firstboot.log"
+    env = {**os.environ, "TERM": "vt220", "LANG": "C.UTF-8", "HEARTH_FIRSTBOOT_LOG": str(log)}
+    script = 'exec "$0" -m hearth_firstboot.app --root "$1" --ascii 2>"$2"'
+    child = pexpect.spawn("sh", ["-c", script, sys.executable, str(root), str(elsewhere)],
+                          env=env, dimensions=(24, 80), timeout=60, encoding="utf-8", codec_errors="replace")
+    try:
+        child.expect("Welcome")
+        child.expect("Keyboard layout")
+        child.sendcontrol("q")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 1
+    assert "Welcome" not in elsewhere.read_text(errors="replace")
+    assert "stderr is not the terminal" in log.read_text()
