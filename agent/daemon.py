@@ -10,8 +10,9 @@ pings, and STOPPING=1.
 A model the node should serve that is a catalogue entry missing from the store does not stop the agent:
 once the API is up it is fetched in the background (a household peer first, then the catalogue's
 sources; hearth.serving.acquire), /health says 503 "loading" with the progress line (or "error" with
-the reason while it waits to retry), and the worker starts when the file is in. With ``auto``, a stored
-model that fits is served meanwhile instead, with a warning naming the profile's choice.
+the reason while it waits to retry), and the worker starts when the file is in. Meanwhile the biggest
+stored model that fits (say the one bundled on the stick) stands in, so a node set up without internet
+still answers; it is stopped once the chosen model is in, before it loads unless memory holds both.
 """
 
 from __future__ import annotations
@@ -208,9 +209,20 @@ def plan_download(config: Config, report: Any = None) -> tuple[str, dict[str, An
     return entry.name, options, entry.size_bytes
 
 
+def _available_memory() -> int:
+    """MemAvailable in bytes (0 when unknown, which counts as tight)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def fallback_from_store(config: Config, report: Any) -> tuple[str, Path, dict[str, Any]] | None:
-    """For ``auto`` when the profile's model is not here yet: the biggest stored model that fits this
-    hardware (select sizes files in the store), or None."""
+    """While the chosen model is not here yet: the biggest stored model that fits this hardware (select
+    sizes files in the store), or None."""
     if report is None:
         return None
     try:
@@ -281,6 +293,9 @@ class Node:
         """(catalogue name, load options, size) of a model to fetch once the API is up."""
         self.acquisition: Any = None
         """The background fetch of that model (hearth.serving.acquire.Acquisition) while it runs."""
+        self.stand_in: tuple[str, str] | None = None
+        """(model name, its warning) of a stored model served until the pending one has arrived."""
+        self._switching: asyncio.Future[None] | None = None
 
     async def start_models(self) -> None:
         """Probe the hardware, choose the model and start its worker (loading goes on in the background)."""
@@ -323,18 +338,47 @@ class Node:
         if plan is None:
             return False
         name = plan[0]
-        if (self.config.model.name.strip() or "auto") == "auto":
-            fallback = await asyncio.to_thread(fallback_from_store, self.config, self.report)
-            if fallback is not None:
-                stored, path, options = fallback
-                self.warnings.append(f"the profile prefers {name} for this node; serving {stored} from the "
-                                     f"store (hearth models pull {name})")
-                log.warning("%s", self.warnings[-1])
-                self._serve(stored, path, options)
-                return True
         log.info("%s is not in the store: fetching it once the API is up", name)
         self.pending = plan
+        fallback = await asyncio.to_thread(fallback_from_store, self.config, self.report)
+        if fallback is not None:
+            stored, path, options = fallback
+            warning = f"serving {stored} from the store until {name} has arrived"
+            self.stand_in = (stored, warning)
+            self.warnings.append(warning)
+            log.warning("%s", warning)
+            self._serve(stored, path, options)
         return True
+
+    async def retire_stand_in(self, incoming: Path) -> bool:
+        """Stop the stand-in model now unless memory holds it and *incoming* together; True if stopped."""
+        if self.stand_in is None:
+            return False
+        if _available_memory() >= incoming.stat().st_size * 1.2 + (1 << 30):
+            return False
+        await self._drop_stand_in()
+        return True
+
+    async def _drop_stand_in_once_loaded(self, name: str, timeout: float = 600.0) -> None:
+        upstream = self.pool.upstreams.get(name)
+        deadline = time.monotonic() + timeout
+        while upstream is not None and upstream.worker.state not in ("ready", "failed") \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        await self._drop_stand_in()
+
+    async def _drop_stand_in(self) -> None:
+        if self.stand_in is None:
+            return
+        name, warning = self.stand_in
+        self.stand_in = None
+        if warning in self.warnings:
+            self.warnings.remove(warning)
+        upstream = self.pool.upstreams.get(name)
+        if upstream is not None:
+            self.routing.remove_upstream(upstream)
+            await self.pool.remove(name)
+        log.info("stopped the stand-in model %s", name)
 
     def _serve(self, name: str, path: Path, options: dict[str, Any]) -> None:
         log.info("serving %s from %s", name, path)
@@ -356,11 +400,15 @@ class Node:
             except HearthError as e:
                 log.warning("after the download: %s; serving with the planned settings", e.message)
                 chosen = None
+            stopped = await self.retire_stand_in(path)
             if chosen is not None and chosen[0] == name:
                 self._serve(*chosen)
             else:
                 self._serve(name, path, options)
             self.pending = None
+            if not stopped and self.stand_in is not None:
+                # Both fit: the stand-in answers until the new model has loaded.
+                self._switching = asyncio.ensure_future(self._drop_stand_in_once_loaded(name))
 
         self.acquisition = Acquisition(self.config, name, ready, size_hint=size)
         self.acquisition.start()

@@ -9,8 +9,11 @@ probes run in workers at start so each screen has its facts when the person gets
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,10 @@ class FirstBootApp(App[int]):
         self.push_screen(WelcomeScreen())
         self.probe_hardware()
         self.probe_network()
+        # Stopped because the node was set up on another console (firstboot-done): leave the terminal
+        # tidy, restored by Textual, instead of dying mid-draw.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.exit)
 
     # --- flow ------------------------------------------------------------------------------------
     def step_of(self, screen: Screen[Any]) -> tuple[int, int]:
@@ -172,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         answers, error = Answers.from_prefill(found.prefill), found.error
     app = FirstBootApp(services, answers=answers, preset_error=error, ascii_only=args.ascii or None)
     code = app.run(mouse=False)  # no mouse tracking codes on a serial line
-    return 0 if app.applied else int(code or 1)
+    if app.applied or (args.root / "var/lib/hearth/configured").exists():
+        return 0  # set up here, or on another console while this one waited
+    return int(code or 1)
 
 
 if __name__ == "__main__":

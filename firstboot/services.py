@@ -68,6 +68,10 @@ class NetworkView:
     wifi_iface: str | None = None
 
 
+def _label(label: str, on_disk: bool) -> str:
+    return f"{label} (on this stick)" if on_disk else label
+
+
 def models_up_to(memory_bytes: int) -> str:
     """'~14B' for 12 GiB: Q4_K_M needs about 0.6 GiB per billion parameters plus ~1.5 GiB of cache and runtime."""
     billions = (memory_bytes / GIB - 1.5) / 0.6
@@ -103,13 +107,25 @@ class Services:
 
             choice = select.select(hw.report) if hw.report is not None else None
             if choice is not None:
-                options.append(ModelOption(choice.model.name, choice.model.label, choice.reason))
+                stored = self.stored_models()
+                on_disk = {m.name for m in stored}
+                here = next((m for m in stored if m.name != choice.model.name), None)
+                reason = choice.reason
+                if choice.model.name not in on_disk:
+                    size = getattr(choice.model, "size_bytes", 0) or 0
+                    reason += f". Downloads {size / GIB:.1f} GiB when the node starts" if size else \
+                        ". Downloaded when the node starts"
+                    if here is not None:
+                        reason += f"; until then {here.name} (on this stick) answers"
+                options.append(ModelOption(choice.model.name, _label(choice.model.label, choice.model.name in on_disk),
+                                           reason))
                 for spec in select.load_catalogue():
                     if spec.name == choice.model.name:
                         continue
                     need = select.estimate(spec, min(choice.context, 4096)).total
                     if need <= choice.free:
-                        options.append(ModelOption(spec.name, spec.label, f"fits: needs {need / GIB:.1f} GiB"))
+                        options.append(ModelOption(spec.name, _label(spec.label, spec.name in on_disk),
+                                                   f"fits: needs {need / GIB:.1f} GiB"))
         except Exception as e:  # a selection failure is a message on the screen, never a crash
             log.warning("model selection failed: %s", e)
             problem = f"No model recommendation: {getattr(e, 'message', e)}"
@@ -117,6 +133,16 @@ class Services:
             options.append(ModelOption(path.stem, f"{path.name} (USB drive)", f"import from {path.parent}", path))
         options.append(ModelOption("none", "No model for now", "serve nothing until you pick one"))
         return ModelView(tuple(options[:8] + options[-1:] if len(options) > 9 else options), problem)
+
+    def stored_models(self) -> list[Any]:
+        """Models already in the node's store (the one bundled on the stick, say): no download needed."""
+        try:
+            from hearth.models.store import Store
+
+            return list(Store(self.root / "var/lib/hearth/models").list())
+        except Exception as e:  # an unreadable store only loses the "on this stick" hint
+            log.warning("model store: %s", e)
+            return []
 
     def usb_models(self) -> list[Path]:
         """GGUF files on mounted removable drives (/media, /mnt, /run/media), a few levels deep."""

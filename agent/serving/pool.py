@@ -405,6 +405,12 @@ class Pool:
         worker.start()
         return upstream
 
+    async def remove(self, name: str, timeout: float = 5.0) -> None:
+        """Stop serving *name*: its worker is stopped and forgotten (the router must drop it first)."""
+        upstream = self.upstreams.pop(name, None)
+        if upstream is not None:
+            await upstream.worker.stop(timeout)
+
     def workers(self) -> Sequence[WorkerProcess]:
         """The supervised workers."""
         return [u.worker for u in self.upstreams.values()]

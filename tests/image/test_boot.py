@@ -125,6 +125,9 @@ def screen_text(raw: bytes) -> bytes:
 
 
 @pytest.mark.timeout(BOOT_TIMEOUT + 300)
+@pytest.mark.skipif(not os.environ.get("HEARTH_IMAGE_BIOS_HEADLESS"),
+                    reason="the serial-wizard test boots BIOS already (~4 min under TCG): "
+                           "set HEARTH_IMAGE_BIOS_HEADLESS=1 to run this one too")
 def test_bios_boot_headless(image, harness, tmp_path):
     """Legacy BIOS (grub) boots the same disk: the preset configures the node and the agent serves."""
     openai = pytest.importorskip("openai")
@@ -145,14 +148,12 @@ def test_bios_boot_headless(image, harness, tmp_path):
         assert vm.powerdown(120) == 0
 
 
-@pytest.mark.skipif(not os.environ.get("HEARTH_IMAGE_WIZARD"),
-                    reason="the wizard does not draw on the guest's ttyS0 yet (issue 6): "
-                           "set HEARTH_IMAGE_WIZARD=1 to run it")
 @pytest.mark.timeout(2 * BOOT_TIMEOUT + 300)
 def test_bios_boot_and_serial_wizard(image, harness, tmp_path):
     """Legacy BIOS (grub) boot; the first-boot wizard on the serial console, taken down its default path:
     Enter on every screen, the admin password twice, Enter to apply and to finish."""
     vm = harness.VM(image, firmware="bios", workdir=tmp_path / "vm", credentials={"hearth.check": "full"})
+    started = time.monotonic()
     with vm:
         # Connected from the start: the wizard draws only once its size query is answered.
         driver = SerialDriver(vm.serial_socket)
@@ -179,50 +180,58 @@ def test_bios_boot_and_serial_wizard(image, harness, tmp_path):
                 time.sleep(4)
         finally:
             driver.close()
-        code, _lines, seconds = verdict(vm, 60)
-        print(f"BIOS boot + serial wizard to healthy API: {seconds:.0f}s")
+        code, lines, _ = verdict(vm, 60)
+        print(f"BIOS boot + serial wizard to healthy API: {time.monotonic() - started:.0f}s")
         assert typed_password, "the wizard never showed its Admin screen"
         assert code == 0, f"hearth-check failed after the wizard:\n{vm.tail(80)}"
+        # The default path picks the model that suits the PC, which this offline VM cannot download:
+        # the model bundled on the stick answers meanwhile.
+        assert "gemma3-270m" in lines.get("models", ""), lines
+        assert "first-token" in lines, lines
+        # The wizard on the other console (tty1) was stopped cleanly, not listed as failed.
+        assert b"failed unit: hearth-firstboot" not in vm.log(), vm.tail(80)
         assert vm.powerdown(120) == 0
 
 
 @pytest.mark.skipif(not os.environ.get("HEARTH_IMAGE_MESH"),
-                    reason="two TCG boots one after the other (~10 min): set HEARTH_IMAGE_MESH=1 to run it")
-@pytest.mark.timeout(3 * BOOT_TIMEOUT)
+                    reason="two TCG boots side by side (~8 min): set HEARTH_IMAGE_MESH=1 to run it")
+@pytest.mark.timeout(2 * BOOT_TIMEOUT)
 def test_two_nodes_on_one_lan(image, harness, tmp_path):
-    """Two VMs on one virtual LAN: node A creates the household and serves Gemma; node B joins with A's
-    code, serves no model itself, and answers a chat request through A."""
+    """Two VMs on one virtual LAN (qemu dgram sockets, no DHCP there: IPv4 link-local), each also behind
+    its own qemu user network with the same 10.0.2.15. Both join one household from their presets; A
+    serves Gemma, B serves no model and answers a chat request through A."""
     openai = pytest.importorskip("openai")
+    from hearth.mesh import household
+
+    code = household.code_for(os.urandom(32))
     lan_a, lan_b = tmp_path / "lan-a.sock", tmp_path / "lan-b.sock"
     port_a, port_b = free_port(), free_port()
-    preset_a = tmp_path / "a.yaml"
-    preset_a.write_text(PRESET.replace("hearth-test", "hearth-a"))
+    preset_a, preset_b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    preset_a.write_text(PRESET.replace("hearth-test", "hearth-a").replace(
+        "  mode: create\n", f"  mode: join\n  join_code: {code}\n"))
+    preset_b.write_text(f"node:\n  name: hearth-b\nmodel:\n  name: none\nhousehold:\n  mode: join\n"
+                        f"  join_code: {code}\n")
     a = harness.VM(image, port=port_a, lan=f"unix:{lan_a}:{lan_b}", workdir=tmp_path / "a",
-                   credentials={"hearth.check": "full show-invite"})
-    a.prepare()
-    harness.put_preset(a.disk, preset_a)
-    with a:
-        code, lines, _ = verdict(a)
-        assert code == 0, f"node A failed its check:\n{a.tail(60)}"
-        preset_b = tmp_path / "b.yaml"
-        preset_b.write_text(f"node:\n  name: hearth-b\nmodel:\n  name: none\nhousehold:\n  mode: join\n"
-                            f"  join_code: {lines['join-code']}\n")
-        b = harness.VM(image, port=port_b, lan=f"unix:{lan_b}:{lan_a}", workdir=tmp_path / "b",
-                       credentials={"hearth.check": "full show-key"})
-        b.prepare()
-        harness.put_preset(b.disk, preset_b)
-        with b:
-            code, lines_b, _ = verdict(b)
-            assert code == 0, f"node B failed its check:\n{b.tail(60)}"
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port_b}/v1", api_key=lines_b["api-key"],
-                                   timeout=600, max_retries=0)
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    reply = client.chat.completions.create(
-                        model="gemma3-270m", max_tokens=8, messages=[{"role": "user", "content": "Hello"}])
-                    break
-                except (openai.NotFoundError, openai.APIStatusError, openai.APIConnectionError):
-                    assert time.monotonic() < deadline, f"B never reached A's model:\n{b.tail(40)}"
-                    time.sleep(5)
-            assert reply.choices[0].message.content
+                   credentials={"hearth.check": "full"})
+    b = harness.VM(image, port=port_b, lan=f"unix:{lan_b}:{lan_a}", workdir=tmp_path / "b",
+                   credentials={"hearth.check": "full show-key"})
+    for vm, preset in ((a, preset_a), (b, preset_b)):
+        vm.prepare()
+        harness.put_preset(vm.disk, preset)
+    with a, b:
+        code_a, _, _ = verdict(a)
+        assert code_a == 0, f"node A failed its check:\n{a.tail(60)}"
+        code_b, lines_b, _ = verdict(b)
+        assert code_b == 0, f"node B failed its check:\n{b.tail(60)}"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port_b}/v1", api_key=lines_b["api-key"],
+                               timeout=600, max_retries=0)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                reply = client.chat.completions.create(
+                    model="gemma3-270m", max_tokens=8, messages=[{"role": "user", "content": "Hello"}])
+                break
+            except (openai.NotFoundError, openai.APIStatusError, openai.APIConnectionError):
+                assert time.monotonic() < deadline, f"B never reached A's model:\n{b.tail(40)}\n{a.tail(40)}"
+                time.sleep(5)
+        assert reply.choices[0].message.content

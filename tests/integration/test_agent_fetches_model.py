@@ -217,3 +217,39 @@ def test_sigterm_mid_download_keeps_the_partial_and_the_next_start_resumes(
     again.wait_ready(timeout=120)
     assert catalogue.ranges[-1] == f"bytes={done}-", catalogue.ranges
     assert _complete(again)
+
+
+def _models(agent: Any) -> list[str]:
+    r = httpx.get(agent.url + "/v1/models", timeout=10)
+    assert r.status_code == 200, r.text
+    return [m["id"] for m in r.json()["data"]]
+
+
+def test_a_stored_model_stands_in_while_the_chosen_one_downloads(
+        agent_factory: AgentFactory, catalogue: Server, tmp_path: Path, llama_runtime: Any) -> None:
+    """A stick set up without internet (or before the download is done) still answers: the model on the
+    stick serves until the chosen catalogue model is in, then the node switches to it."""
+    helpers = sys.modules["hearth_it_conftest"]
+    state = tmp_path / "node"
+    (state / "models").mkdir(parents=True)
+    helpers.make_tiny_gguf(state / "models" / "standin.gguf", seed=3)
+    catalogue.delay = 0.1  # a few seconds of download: long enough to use the stand-in meanwhile
+    catalogue.start()
+    agent = agent_factory("tiny", wait=False, state__dir=str(state))
+    agent.wait_ready(timeout=60)
+    body = agent.health().json()
+    assert "download" in body, body  # ready while the chosen model is still coming
+    assert "serving standin from the store until tiny has arrived" in body["warnings"], body
+    assert _models(agent) == ["standin"]
+    r = httpx.post(agent.url + "/v1/completions", json={"model": "standin", "prompt": "hi", "max_tokens": 2},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 120
+    while _models(agent) != ["tiny"]:
+        assert time.monotonic() < deadline, (agent.health().json(), agent.log())
+        assert agent.process.poll() is None, agent.log()
+        time.sleep(0.2)
+    body = agent.health().json()
+    assert body["status"] == "ready" and "download" not in body and not any("standin" in w for w in body["warnings"])
+    assert _complete(agent)
+    assert "stopped the stand-in model standin" in agent.log()

@@ -53,3 +53,24 @@ def test_wizard_draws_on_the_terminal_when_stderr_goes_elsewhere(root: Path, tmp
     assert child.exitstatus == 1
     assert "Welcome" not in elsewhere.read_text(errors="replace")
     assert "stderr is not the terminal" in log.read_text()
+
+
+def test_sigterm_after_set_up_elsewhere_is_a_clean_exit(root: Path) -> None:
+    """firstboot-done stops the wizard on the other consoles once one has set the node up: the stopped
+    one restores its terminal and exits 0, so systemd does not list it as failed."""
+    import signal
+
+    env = {**os.environ, "TERM": "vt220", "LANG": "C.UTF-8"}
+    child = pexpect.spawn(sys.executable, ["-m", "hearth_firstboot.app", "--root", str(root), "--ascii"],
+                          env=env, dimensions=(24, 80), timeout=60, encoding="utf-8", codec_errors="replace")
+    try:
+        child.expect("Keyboard layout")
+        (root / "var/lib/hearth").mkdir(parents=True, exist_ok=True)
+        (root / "var/lib/hearth/configured").write_text("")
+        child.kill(signal.SIGTERM)
+        child.expect(pexpect.EOF)
+        out = child.before or ""
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0 and child.signalstatus is None
+    assert "\x1b[?1049l" in out, "the alternate screen was left"

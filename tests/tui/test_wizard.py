@@ -373,3 +373,25 @@ def test_wizard_never_imports_the_model_runtime(root: Path) -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "True"]
+
+
+def test_model_choices_say_what_is_on_the_stick_and_what_downloads(tmp_path: Path) -> None:
+    """On a mini PC with the stick's bundled Gemma 270M in the store, the recommendation (a bigger model)
+    says it downloads and that the bundled model answers until then; the bundled one is marked."""
+    import shutil
+
+    from hearth_firstboot.services import Services
+
+    root = tmp_path / "root"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "fixtures/machines/minipc-n100", root, symlinks=True)
+    store = root / "var/lib/hearth/models"
+    store.mkdir(parents=True)
+    (store / "gemma-3-270m-q4_k_m.gguf").write_bytes(b"GGUF" + bytes(60))
+    services = Services(root)
+    view = services.models(services.hardware())
+    assert view.problem is None, view.problem
+    first = view.options[0]
+    assert first.name != "gemma3-270m" and "(on this stick)" not in first.label, first
+    assert "Downloads" in first.reason and "until then gemma3-270m (on this stick) answers" in first.reason, first
+    bundled = [o for o in view.options if o.name == "gemma3-270m"]
+    assert bundled and bundled[0].label.endswith("(on this stick)"), view.options

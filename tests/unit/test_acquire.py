@@ -279,9 +279,20 @@ def test_node_plans_a_fetch_or_serves_a_fallback(tmp_path: Path, monkeypatch: py
     node.config.models_dir.mkdir(parents=True)
     make_gguf(node.config.models_dir / "small.gguf")
     assert asyncio.run(node._plan_fetch(missing)) is True
-    assert node.pending is None and served == [("small", node.config.models_dir / "small.gguf")]
-    assert node.warnings == ["the profile prefers gemma3-4b for this node; serving small from the store "
-                             "(hearth models pull gemma3-4b)"]
+    # The stored model stands in, and the profile's choice is still fetched.
+    assert node.pending is not None and node.pending[0] == "gemma3-4b"
+    assert served == [("small", node.config.models_dir / "small.gguf")]
+    assert node.warnings == ["serving small from the store until gemma3-4b has arrived"]
+    assert node.stand_in == ("small", node.warnings[0])
+
+    # When the chosen file is in: plenty of memory keeps the stand-in until the new model has loaded;
+    # too little stops it first.
+    incoming = node.config.models_dir / "small.gguf"
+    monkeypatch.setattr(daemon, "_available_memory", lambda: 64 << 30)
+    assert asyncio.run(node.retire_stand_in(incoming)) is False and node.stand_in is not None
+    monkeypatch.setattr(daemon, "_available_memory", lambda: 0)
+    assert asyncio.run(node.retire_stand_in(incoming)) is True
+    assert node.stand_in is None and node.warnings == []
 
     other = daemon.Node(cfg(tmp_path / "x"))
     assert asyncio.run(other._plan_fetch(daemon.StartupError("port taken"))) is False
