@@ -8,11 +8,12 @@ forwarded request is never forwarded again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
@@ -146,20 +147,56 @@ def _stored(mesh: MeshService, name: str) -> Any:
     raise HTTPException(404, detail=f"no model '{name}' in this node's store")
 
 
+HEARTBEAT_S = 5.0
+"""While the model works (a long prompt on a slow CPU, a slow token), a {"type": "working"} line this often
+tells the asking node this one is alive: its silence limits then catch a stuck node, not a slow one."""
+
+_WORKING = json.dumps({"type": "working"}).encode() + b"\n"
+
+
+async def _beating(events: AsyncIterator[Any], every: float) -> AsyncGenerator[Any, None]:
+    """*events*, with None yielded after each *every* seconds without one."""
+    it = aiter(events)
+    pending: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(it))
+            done, _ = await asyncio.wait({pending}, timeout=every)
+            if not done:
+                yield None
+                continue
+            fut, pending = pending, None
+            try:
+                ev = fut.result()
+            except StopAsyncIteration:
+                return
+            yield ev
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()  # the asking node hung up: stop the generation
+            with contextlib.suppress(BaseException):
+                await pending
+
+
 async def _stream(mesh: MeshService, ups: list[Any], req: GenerationRequest) -> AsyncIterator[bytes]:
     """NDJSON events from the first local upstream that starts; errors become an error event."""
     for i, up in enumerate(ups):
         got = False
         try:
-            async for ev in up.generate(req):
-                if isinstance(ev, TokenChunk):
-                    got = True
-                    yield json.dumps({"type": "token", "text": ev.text}).encode() + b"\n"
-                elif isinstance(ev, Finished):
-                    yield json.dumps({"type": "finished", "finish_reason": ev.finish_reason,
-                                      "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-                                      "served_by": mesh.node}).encode() + b"\n"
-                    return
+            # aclosing: when the asking node hangs up, the generation below is cancelled now, not at GC.
+            async with contextlib.aclosing(_beating(up.generate(req), HEARTBEAT_S)) as events:
+                async for ev in events:
+                    if ev is None:
+                        yield _WORKING
+                    elif isinstance(ev, TokenChunk):
+                        got = True
+                        yield json.dumps({"type": "token", "text": ev.text}).encode() + b"\n"
+                    elif isinstance(ev, Finished):
+                        yield json.dumps({"type": "finished", "finish_reason": ev.finish_reason,
+                                          "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                                          "served_by": mesh.node}).encode() + b"\n"
+                        return
         except UpstreamError as e:
             if got or not e.before_first_token or i == len(ups) - 1:
                 yield json.dumps({"type": "error", "message": e.message, "status": e.status,

@@ -26,7 +26,8 @@ from .client import MeshClient
 log = logging.getLogger(__name__)
 
 FIRST_TOKEN_TIMEOUT_S = 120.0
-"""Longest wait for a peer's first event (a long prompt on a slow node takes a while)."""
+"""Longest silence before a peer's first event. A working peer sends a "working" line every few seconds
+(hearth.mesh.api.HEARTBEAT_S), so only a stuck (or much older) peer reaches it, however slow its prompt."""
 NEXT_TOKEN_TIMEOUT_S = 20.0
 """Longest silence between two events of a running generation before the client gets an error."""
 

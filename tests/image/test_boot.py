@@ -197,9 +197,10 @@ def test_bios_boot_and_serial_wizard(image, harness, tmp_path):
                     reason="two TCG boots side by side (~8 min): set HEARTH_IMAGE_MESH=1 to run it")
 @pytest.mark.timeout(2 * BOOT_TIMEOUT)
 def test_two_nodes_on_one_lan(image, harness, tmp_path):
-    """Two VMs on one virtual LAN (qemu dgram sockets, no DHCP there: IPv4 link-local), each also behind
-    its own qemu user network with the same 10.0.2.15. Both join one household from their presets; A
-    serves Gemma, B serves no model and answers a chat request through A."""
+    """Two VMs on one virtual LAN (qemu dgram sockets), each also behind its own qemu user network with
+    the same 10.0.2.15 (which must never be taken for the peer). The LAN has no DHCP server, so each
+    preset gives the LAN port a fixed address, as a person would in the wizard. Both join one household
+    from their presets; A serves Gemma, B serves no model and answers a chat request through A."""
     openai = pytest.importorskip("openai")
     from hearth.mesh import household
 
@@ -207,10 +208,11 @@ def test_two_nodes_on_one_lan(image, harness, tmp_path):
     lan_a, lan_b = tmp_path / "lan-a.sock", tmp_path / "lan-b.sock"
     port_a, port_b = free_port(), free_port()
     preset_a, preset_b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    lan = "network:\n  interface: enp0s3\n  mode: static\n  address: 192.168.77.{}/24\n"
     preset_a.write_text(PRESET.replace("hearth-test", "hearth-a").replace(
-        "  mode: create\n", f"  mode: join\n  join_code: {code}\n"))
+        "  mode: create\n", f"  mode: join\n  join_code: {code}\n") + lan.format(1))
     preset_b.write_text(f"node:\n  name: hearth-b\nmodel:\n  name: none\nhousehold:\n  mode: join\n"
-                        f"  join_code: {code}\n")
+                        f"  join_code: {code}\n" + lan.format(2))
     a = harness.VM(image, port=port_a, lan=f"unix:{lan_a}:{lan_b}", workdir=tmp_path / "a",
                    credentials={"hearth.check": "full"})
     b = harness.VM(image, port=port_b, lan=f"unix:{lan_b}:{lan_a}", workdir=tmp_path / "b",

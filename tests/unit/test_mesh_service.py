@@ -205,3 +205,51 @@ def test_rank_addresses_drops_our_own_and_prefers_a_shared_subnet():
     assert rank_addresses([], me) == ()
     # Duplicates announced twice count once.
     assert rank_addresses(["192.168.1.9", "192.168.1.9"], me) == ("192.168.1.9",)
+
+
+class SlowUpstream(FakeUpstream):
+    """A worker that thinks for *pause* seconds before each token (a long prompt, a slow CPU)."""
+
+    def __init__(self, model: str, pause: float) -> None:
+        super().__init__(model)
+        self.pause = pause
+        self.closed = False
+
+    async def generate(self, request: GenerationRequest):
+        try:
+            for word in ("slow ", "but ", "alive"):
+                await asyncio.sleep(self.pause)
+                yield TokenChunk(word)
+            yield Finished("stop", 1, 3, served_by="local")
+        finally:
+            self.closed = True
+
+
+async def test_a_slow_node_says_it_is_working_between_tokens(tmp_path, monkeypatch):
+    from hearth.mesh import api as mesh_api
+
+    monkeypatch.setattr(mesh_api, "HEARTBEAT_S", 0.05)
+    b, _, _ = _node(tmp_path, "hearth-b", [])
+    slow = SlowUpstream("gem", pause=0.3)
+    lines = [json.loads(x) async for x in mesh_api._stream(b, [slow], GenerationRequest(model="gem", kind="chat"))]
+    kinds = [x["type"] for x in lines]
+    assert kinds.count("working") >= 6, kinds  # about 5 per 0.3 s pause
+    assert [x["text"] for x in lines if x["type"] == "token"] == ["slow ", "but ", "alive"]
+    assert kinds[-1] == "finished"
+    # The asking node reads through the heartbeats: only tokens and the end reach its router.
+    a, b2, client, peer = await _peer(tmp_path, [SlowUpstream("gem", pause=0.2)])
+    events = [ev async for ev in PeerUpstream(peer, "gem", client).generate(GenerationRequest(model="gem", kind="chat"))]
+    assert "".join(e.text for e in events if isinstance(e, TokenChunk)) == "slow but alive"
+    assert isinstance(events[-1], Finished)
+
+
+async def test_hanging_up_on_a_slow_node_stops_its_generation(tmp_path, monkeypatch):
+    from hearth.mesh import api as mesh_api
+
+    monkeypatch.setattr(mesh_api, "HEARTBEAT_S", 0.05)
+    b, _, _ = _node(tmp_path, "hearth-b", [])
+    slow = SlowUpstream("gem", pause=5.0)
+    stream = mesh_api._stream(b, [slow], GenerationRequest(model="gem", kind="chat"))
+    assert json.loads(await anext(stream))["type"] == "working"
+    await stream.aclose()  # what Starlette does when the asking node hangs up
+    assert slow.closed
