@@ -120,6 +120,8 @@ class VM:
     workdir: Path | None = None
     accel: str = "auto"
     proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    """Power cycles after an early kernel panic (see recover_from_early_panic)."""
     _tmp: tempfile.TemporaryDirectory[str] | None = None
     _seen: int = 0
 
@@ -211,9 +213,11 @@ class VM:
         """Everything the guest wrote to its serial console so far."""
         return self.serial_log.read_bytes() if self.serial_log.exists() else b""
 
-    def wait_for(self, pattern: str | bytes, timeout: float, since_last: bool = True) -> re.Match[bytes]:
+    def wait_for(self, pattern: str | bytes | re.Pattern[bytes], timeout: float,
+                 since_last: bool = True) -> re.Match[bytes]:
         """Wait until the serial log matches a regex (after the previous match); raise QemuError on timeout."""
-        regex = re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(
+            pattern.encode() if isinstance(pattern, str) else pattern)
         deadline = time.monotonic() + timeout
         while True:
             data = self.log()
@@ -224,10 +228,32 @@ class VM:
             if self.proc and self.proc.poll() is not None:
                 raise QemuError(f"qemu exited ({self.proc.returncode}) before {regex.pattern!r}:\n{self.tail()}")
             if b"Kernel panic - not syncing" in data:
+                if self.recover_from_early_panic():
+                    continue
                 raise QemuError(f"the guest kernel panicked before {regex.pattern!r}:\n{self.tail()}")
             if time.monotonic() > deadline:
                 raise QemuError(f"no {regex.pattern!r} on the serial console after {timeout:.0f}s:\n{self.tail()}")
             time.sleep(0.5)
+
+    def recover_from_early_panic(self, most: int = 2) -> bool:
+        """Power-cycle a guest whose kernel panicked before leaving the initrd; True if it was restarted.
+
+        Under TCG with several vCPUs (MTTCG) and -cpu max, the guest kernel now and then dies of an int3
+        Oops while it patches its own code at boot: an emulator hazard, not Hearth's. Before the switch
+        to the real root nothing on the disk has changed, so a power cycle is a clean retry (at most
+        *most* times; the panicked console log is kept as serial.panicN.log)."""
+        data = self.log()
+        if b"Kernel panic - not syncing" not in data or b"initrd-switch-root" in data or self.restarts >= most:
+            return False
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.restarts += 1
+        self.serial_log.rename(self.serial_log.with_name(f"serial.panic{self.restarts}.log"))
+        print(f"qemu.py: the guest kernel panicked during early boot (a TCG hazard); power-cycling it "
+              f"({self.restarts}/{most})", file=sys.stderr, flush=True)
+        self.start()
+        return True
 
     def tail(self, lines: int = 40) -> str:
         """The last lines of the serial log (for error messages)."""
@@ -269,6 +295,11 @@ class VM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _preset(args: argparse.Namespace) -> int:
+    put_preset(Path(args.image), args.preset)
+    return 0
 
 
 def _vm_from_args(args: argparse.Namespace, credentials: dict[str, str]) -> VM:
@@ -331,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["check"].add_argument("--mode", default="full poweroff", help="hearth.check credential value")
     sub.choices["check"].add_argument("--timeout", type=float, default=1200)
     p = sub.add_parser("preset")
-    p.set_defaults(func=lambda a: put_preset(Path(a.image), a.preset) or 0)
+    p.set_defaults(func=_preset)
     p.add_argument("image")
     p.add_argument("preset")
     sub.add_parser("accel").set_defaults(func=lambda a: print("kvm" if kvm_works() else "tcg") or 0)
