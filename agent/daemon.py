@@ -211,37 +211,30 @@ def plan_download(config: Config, report: Any = None) -> tuple[str, dict[str, An
 
 def _available_memory() -> int:
     """MemAvailable in bytes (0 when unknown, which counts as tight)."""
+    from .hardware.cpu import parse_meminfo
+
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+        return parse_meminfo(Path("/proc/meminfo").read_text())[1]
+    except OSError:
+        return 0
 
 
 def fallback_from_store(config: Config, report: Any) -> tuple[str, Path, dict[str, Any]] | None:
-    """While the chosen model is not here yet: the biggest stored model that fits this hardware (select
-    sizes files in the store), or None."""
+    """While the chosen model is not here yet: the stored model that stands in (hearth.select.stand_in)
+    with its load options, or None."""
     if report is None:
         return None
     try:
         from . import select
-        from .models.store import Store
     except ImportError:
         return None
-    for stored in sorted(Store.from_config(config).list(), key=lambda m: -m.size):
-        try:
-            choice = select.select(report, config.replace(**{"model.name": stored.file}))
-        except HearthError as e:
-            log.info("%s in the store does not fit here: %s", stored.file, e.message)
-            continue
-        if choice is None:
-            continue
-        options = _base_options(config)
-        options.update(context=choice.context, threads=choice.threads, gpu_layers=choice.gpu_layers)
-        return stored.name, stored.path, options
-    return None
+    found = select.stand_in(report, config)
+    if found is None:
+        return None
+    stored, choice = found
+    options = _base_options(config)
+    options.update(context=choice.context, threads=choice.threads, gpu_layers=choice.gpu_layers)
+    return stored.name, stored.path, options
 
 
 def llama_devices_in_subprocess(timeout: float = 60.0) -> list[dict[str, Any]]:
@@ -509,6 +502,8 @@ class Node:
 
     async def stop(self, timeout: float) -> None:
         """Stop a model download (its partial stays for the next start), leave the mesh, stop the workers."""
+        if self._switching is not None:
+            self._switching.cancel()
         if self.acquisition is not None:
             await self.acquisition.stop()
         if self.mesh is not None:

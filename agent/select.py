@@ -525,3 +525,20 @@ def _nothing_fits(report: Report, cls: HardwareClass, catalogue: Sequence[ModelS
         f"{_ctx_label(est.context)} context (including a {gib(profiles.margin)} margin); "
         f"this node has {gib(report.memory_available)} free RAM",
         hint="close other programs or add memory, or let a bigger node in the household serve")
+
+
+def stand_in(report: Report, config: Any) -> tuple[Any, Choice] | None:
+    """The biggest model already in the config's store that fits this hardware, with its Choice: what a
+    node serves while the model it should serve is still being fetched (hearth.daemon), and what the
+    wizard says will answer until then. None when nothing stored fits."""
+    from .models.store import Store
+
+    for stored in sorted(Store.from_config(config).list(), key=lambda m: -m.size):
+        try:
+            choice = select(report, config.replace(**{"model.name": stored.file}))
+        except HearthError as e:
+            log.info("%s in the store does not fit here: %s", stored.file, e.message)
+            continue
+        if choice is not None:
+            return stored, choice
+    return None

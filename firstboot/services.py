@@ -107,16 +107,16 @@ class Services:
 
             choice = select.select(hw.report) if hw.report is not None else None
             if choice is not None:
-                stored = self.stored_models()
-                on_disk = {m.name for m in stored}
-                here = next((m for m in stored if m.name != choice.model.name), None)
+                on_disk = {m.name for m in self.stored_models()}
                 reason = choice.reason
                 if choice.model.name not in on_disk:
                     size = getattr(choice.model, "size_bytes", 0) or 0
                     reason += f". Downloads {size / GIB:.1f} GiB when the node starts" if size else \
                         ". Downloaded when the node starts"
+                    # The agent's own rule for what serves meanwhile, so the screen says what will happen.
+                    here = select.stand_in(hw.report, self._store_config())
                     if here is not None:
-                        reason += f"; until then {here.name} (on this stick) answers"
+                        reason += f"; until then {here[0].name} (on this stick) answers"
                 options.append(ModelOption(choice.model.name, _label(choice.model.label, choice.model.name in on_disk),
                                            reason))
                 for spec in select.load_catalogue():
@@ -134,12 +134,18 @@ class Services:
         options.append(ModelOption("none", "No model for now", "serve nothing until you pick one"))
         return ModelView(tuple(options[:8] + options[-1:] if len(options) > 9 else options), problem)
 
+    def _store_config(self) -> Any:
+        """A config whose model store is the node's under this root (the agent's default state dir)."""
+        from hearth import config as config_mod
+
+        return config_mod.from_dict({"state": {"dir": str(self.root / "var/lib/hearth")}})
+
     def stored_models(self) -> list[Any]:
         """Models already in the node's store (the one bundled on the stick, say): no download needed."""
         try:
             from hearth.models.store import Store
 
-            return list(Store(self.root / "var/lib/hearth/models").list())
+            return list(Store.from_config(self._store_config()).list())
         except Exception as e:  # an unreadable store only loses the "on this stick" hint
             log.warning("model store: %s", e)
             return []

@@ -27,17 +27,12 @@ class Candidate:
     """A node announced over mDNS: where to say hello, and what it claims (to be proven)."""
 
     instance: str
-    hosts: tuple[str, ...]
-    """Its announced IPv4 addresses that are not ours, best first (see rank_addresses)."""
+    host: str
+    """The best of its announced IPv4 addresses that are not ours (see rank_addresses)."""
     port: int
     node: str
     fingerprint: str
     version: int
-
-    @property
-    def host(self) -> str:
-        """The address to say hello to."""
-        return self.hosts[0]
 
 
 def local_interfaces() -> list[tuple[str, int]]:
@@ -153,4 +148,4 @@ class Discovery:
         if not hosts:
             log.debug("mDNS: %s announced only addresses of this node (%s)", name, ", ".join(addresses))
             return
-        self.on_found(Candidate(name, hosts, int(info.port), props.get("node", ""), props.get("fp", ""), version))
+        self.on_found(Candidate(name, hosts[0], int(info.port), props.get("node", ""), props.get("fp", ""), version))

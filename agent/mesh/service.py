@@ -9,6 +9,7 @@ stops answering is dropped within DROP_AFTER_S + one poll, and its open streams 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -154,12 +155,10 @@ class MeshService:
         """Announce again, on every interface, whenever this node's addresses change."""
         while True:
             await asyncio.sleep(ADDRESS_POLL_S)
-            if self._discovery is None:
-                continue
             try:
                 now = local_addresses(self.config.api.host)
-                before = self._discovery.addresses
-                if sorted(now) == sorted(before):
+                before = self._discovery.addresses if self._discovery is not None else []
+                if self._discovery is not None and sorted(now) == sorted(before):
                     continue
                 log.info("mesh: addresses changed (%s -> %s): announcing again", ", ".join(before) or "none",
                          ", ".join(now) or "none")
@@ -167,8 +166,10 @@ class MeshService:
                 await self._start_discovery()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a failed re-announce is retried on the next change check
+            except Exception:  # discovery stays off until the next check tries again
                 log.exception("mesh: announcing the new addresses failed")
+                with contextlib.suppress(Exception):
+                    await self._stop_discovery()
 
     async def stop(self) -> None:
         """Unregister from mDNS, stop polling, drop every peer from the router, close the shared instances."""
