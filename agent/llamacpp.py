@@ -1,21 +1,28 @@
-"""The one way Hearth gets llama-cpp-python: ``load()`` imports it and registers ggml's backends once.
+"""The one way Hearth gets llama.cpp: ``load()`` imports llama-cpp-python over Hearth's runtime and registers
+ggml's backends once; ``runtime_dir()`` says where the runtime's servers are.
 
-Hearth's wheel is built with ``GGML_BACKEND_DL=ON`` and every x86-64 CPU variant: the CPU (and any GPU)
-backends are separate shared libraries that ggml picks at run time, and no model loads until they are
-registered. Registration must go through ``libggml.so.0`` (the file libllama links against by its soname);
-the wheel also ships a byte-identical ``libggml.so`` copy, and registering through that one fills a
-second, unused registry. Everything else in Hearth calls ``load()`` instead of ``import llama_cpp``.
+Hearth's runtime (built by ``ci/runtime``) is one llama.cpp tree compiled into shared ``libllama`` + ggml,
+every x86-64 CPU variant and the Vulkan and RPC backends as separate libraries that ggml loads at run time
+(``GGML_BACKEND_DL``), and llama.cpp's own ``llama-server`` and ``rpc-server`` linked against the same
+libraries. Its folder holds ``bin/`` (servers and backends) and ``lib/`` (libllama, libggml); llama-cpp-python
+is installed without libraries of its own and pointed at ``lib/`` here, so the agent's in-process calls and
+the servers see the same devices and the same version.
+
+The CPU variant is ggml's own pick: the runtime's ggml asks the OS as well as CPUID (image/runtime/patches),
+so a variant whose register state the kernel does not enable (AVX-512, AMX tiles) is never chosen.
+llama.cpp's chatter ("load_backend: ...") goes to this module's logger at debug level, never to a
+``hearth`` command's output; its warnings and errors are logged as such.
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import logging
 import os
 import re
-import tempfile
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -31,30 +38,41 @@ _ggml: ctypes.CDLL | None = None
 DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
 """ggml's ``enum ggml_backend_dev_type`` as words."""
 
+DEFAULT_RUNTIME = Path("/usr/lib/hearth/runtime")
+"""Where the image keeps the runtime."""
+
 
 class RuntimeMissing(HearthError):
-    """llama-cpp-python is not installed or its libraries cannot be loaded."""
+    """Hearth's llama.cpp runtime (or llama-cpp-python) is not installed or cannot be loaded."""
+
+
+def runtime_dir() -> Path:
+    """The runtime's folder: ``$HEARTH_RUNTIME``, else ``<venv>/runtime``, else /usr/lib/hearth/runtime."""
+    override = os.environ.get("HEARTH_RUNTIME")
+    candidates = [Path(override)] if override else [Path(sys.prefix) / "runtime", DEFAULT_RUNTIME]
+    for candidate in candidates:
+        if (candidate / "lib").is_dir():
+            return candidate
+    raise RuntimeMissing(f"no llama.cpp runtime in {' or '.join(map(str, candidates))}",
+                         hint="build it with ci/runtime and set HEARTH_RUNTIME, or reinstall the image")
 
 
 def lib_dir() -> Path:
-    """The folder holding the wheel's shared libraries (``llama_cpp/lib``)."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeMissing("llama-cpp-python is not installed",
-                             hint="install Hearth's llama-cpp-python wheel into the agent's environment")
-    return Path(next(iter(spec.submodule_search_locations))) / "lib"
+    """The folder holding libllama and libggml (``<runtime>/lib``)."""
+    return runtime_dir() / "lib"
 
 
-def _ggml_lib(directory: Path) -> ctypes.CDLL:
-    # Prefer the soname file: it is the one libllama.so already has open, so dlopen returns the same
-    # handle and the same backend registry. Fall back to libggml.so for builds without the soname link.
-    for name in ("libggml.so.0", "libggml.so"):
-        path = directory / name
-        if path.exists():
-            lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-            _declare(lib)
-            return lib
-    raise RuntimeMissing(f"no libggml in {directory}", hint="reinstall Hearth's llama-cpp-python wheel")
+def backend_dir(runtime: Path | None = None) -> Path:
+    """The folder holding ggml's backend libraries (``libggml-cpu-*.so``, ``libggml-vulkan.so``...)."""
+    return (runtime or runtime_dir()) / "bin"
+
+
+def server_binary(name: str = "llama-server") -> Path:
+    """One of the runtime's programs (llama-server, rpc-server, llama-bench), checked to exist."""
+    path = backend_dir() / name
+    if not os.access(path, os.X_OK):
+        raise RuntimeMissing(f"{path} is missing", hint="rebuild the runtime with ci/runtime")
+    return path
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -76,90 +94,111 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ggml_backend_load.restype = vp
     lib.ggml_backend_reg_count.argtypes = []
     lib.ggml_backend_reg_count.restype = sz
+    lib.ggml_backend_reg_get.argtypes = [sz]
+    lib.ggml_backend_reg_get.restype = vp
+    lib.ggml_backend_reg_name.argtypes = [vp]
+    lib.ggml_backend_reg_name.restype = cp
 
 
-def backend_dir(directory: Path | None = None) -> Path | None:
-    """Where the wheel keeps ggml's backend libraries (``libggml-cpu-*.so``...), or None when the
-    backends are built into libggml (no ``GGML_BACKEND_DL``).
+# --- llama.cpp's log -------------------------------------------------------------------------------
 
-    scikit-build installs CMake MODULE libraries to the install prefix's ``bin/``, which for a wheel is
-    ``site-packages/bin``; other builds put them next to libggml. ``$HEARTH_GGML_BACKEND_DIR`` wins.
-    """
-    directory = directory or lib_dir()
-    override = os.environ.get("HEARTH_GGML_BACKEND_DIR")
-    candidates = [Path(override)] if override else []
-    candidates += [directory, directory.parent / "bin", directory.parent.parent / "bin"]
-    for candidate in candidates:
-        if any(p for p in candidate.glob("libggml-*.so") if not p.name.startswith("libggml-base")):
-            return candidate
-    return None
+LogListener = Callable[[int, str], None]
+
+_listeners: list[LogListener] = []
+_log_cb: Any = None
+
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+"""ggml_log_level -> logging level. INFO (2) is chatter (backend loads, tensor sizes): debug here."""
 
 
-SKIPPED_VARIANTS = frozenset({"sapphirerapids"})
-"""CPU variants ggml must not pick on its own. The AMX variant (sapphirerapids) is chosen on any CPU whose
-cpuid lists AMX, but its kernels execute ``tilezero`` on compute threads that never loaded a tile
-configuration and die with SIGILL (seen on a Xeon VM where AMX itself works). The AVX-512 variants
-below it are safe; ``$HEARTH_GGML_CPU_VARIANT`` can still force it."""
+def add_log_listener(listener: LogListener) -> None:
+    """Call *listener(level, line)* for every line llama.cpp logs from now on (the engine reads its offload line)."""
+    _listeners.append(listener)
 
 
-def _load_all_but(ggml: ctypes.CDLL, backends: Path, skipped: frozenset[str]) -> None:
-    """ggml_backend_load_all_from_path over a view of *backends* without the *skipped* CPU variants.
-
-    ggml scores every ``libggml-cpu-*.so`` in the folder and loads the best; a temporary folder of
-    symlinks hides the skipped ones. The links can go once loaded (dlopen holds the files).
-    """
-    libs = [p for p in backends.glob("libggml-*.so") if not p.name.startswith("libggml-base")]
-    hidden = [p for p in libs if p.name.removeprefix("libggml-cpu-").removesuffix(".so") in skipped
-              and p.name.startswith("libggml-cpu-")]
-    if not hidden:
-        ggml.ggml_backend_load_all_from_path(str(backends).encode())
+def _route_log(llama_cpp: Any) -> None:
+    """Send llama.cpp's and ggml's log to Python logging, once per process, before any backend loads."""
+    global _log_cb
+    if _log_cb is not None:
         return
-    with tempfile.TemporaryDirectory(prefix="hearth-ggml-") as view:
-        for p in libs:
-            if p not in hidden:
-                os.symlink(p, Path(view) / p.name)
-        ggml.ggml_backend_load_all_from_path(view.encode())
+    last = [logging.DEBUG]
+    llama_log = logging.getLogger("hearth.llamacpp.native")
 
+    def callback(level: int, text: bytes | None, user_data: Any) -> None:
+        line = (text or b"").decode(errors="replace")
+        if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous line at its level
+            last[0] = _GGML_LEVELS.get(level, logging.DEBUG)
+        for listener in list(_listeners):
+            listener(level, line)
+        if line.strip():
+            llama_log.log(last[0], "%s", line.rstrip())
 
-def cpu_variants(directory: Path | None = None) -> list[str]:
-    """The CPU variants the wheel ships (x64, sse42, haswell, skylakex, ...)."""
-    found = backend_dir() if directory is None else directory
-    return sorted(p.name[len("libggml-cpu-"):-3] for p in found.glob("libggml-cpu-*.so")) if found else []
+    # Never freed: llama.cpp calls it for the life of the process (also while freeing models).
+    _log_cb = llama_cpp.llama_log_callback(callback)
+    llama_cpp.llama_log_set(_log_cb, ctypes.c_void_p(0))
 
 
 def load() -> ModuleType:
-    """The ``llama_cpp`` module, with ggml's dynamic backends registered exactly once per process."""
+    """The ``llama_cpp`` module over Hearth's runtime, with ggml's backends registered exactly once."""
     global _module, _ggml
     if _module is not None:
         return _module
     with _lock:
         if _module is not None:
             return _module
-        directory = lib_dir()
+        runtime = runtime_dir()
+        libs = runtime / "lib"
+        # llama-cpp-python reads these when first imported: its libllama and libmtmd are the runtime's.
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(libs)
+        os.environ["MTMD_CPP_LIB"] = str(libs)
         try:
             import llama_cpp
-        except (ImportError, OSError) as e:
-            raise RuntimeMissing(f"cannot load llama-cpp-python: {e}",
-                                 hint="reinstall Hearth's llama-cpp-python wheel") from None
-        ggml = _ggml_lib(directory)
-        backends = backend_dir(directory)
+        except (ImportError, OSError, RuntimeError) as e:
+            raise RuntimeMissing(f"cannot load llama-cpp-python over {libs}: {e}",
+                                 hint="rebuild the runtime with ci/runtime and reinstall its llama-cpp-python") from None
+        _route_log(llama_cpp)
+        # The soname file is the one libllama already has open: the same handle, the same registry.
+        ggml = ctypes.CDLL(str(libs / "libggml.so.0"), mode=ctypes.RTLD_GLOBAL)
+        _declare(ggml)
+        backends = backend_dir(runtime)
         variant = os.environ.get("HEARTH_GGML_CPU_VARIANT", "")
-        if backends is not None and ggml.ggml_backend_dev_count() == 0 and variant:
-            # A forced CPU variant (benchmarks, or a CPU whose flags promise more than it runs).
-            path = backends / f"libggml-cpu-{variant}.so"
-            if not path.exists():
-                raise RuntimeMissing(f"no CPU variant '{variant}' in {backends}",
-                                     hint="variants: " + ", ".join(sorted(cpu_variants(backends))))
-            ggml.ggml_backend_load(str(path).encode())
-        elif backends is not None and ggml.ggml_backend_dev_count() == 0:
-            _load_all_but(ggml, backends, SKIPPED_VARIANTS)
+        if ggml.ggml_backend_reg_count() == 0:
+            if variant:
+                # A forced CPU variant (benchmarks comparing variants), then every other backend.
+                path = backends / f"libggml-cpu-{variant}.so"
+                if not path.exists():
+                    raise RuntimeMissing(f"no CPU variant '{variant}' in {backends}",
+                                         hint="variants: " + ", ".join(cpu_variants(backends)))
+                ggml.ggml_backend_load(str(path).encode())
+                for other in sorted(backends.glob("libggml-*.so")):
+                    if not other.name.startswith("libggml-cpu-"):
+                        ggml.ggml_backend_load(str(other).encode())
+            else:
+                ggml.ggml_backend_load_all_from_path(str(backends).encode())
             if ggml.ggml_backend_dev_count() == 0:
                 raise RuntimeMissing(f"no ggml backend in {backends} runs on this CPU",
-                                     hint="the wheel needs at least its x64 CPU variant")
-            log.debug("registered %d ggml backends from %s", ggml.ggml_backend_reg_count(), backends)
+                                     hint="the runtime needs at least its x64 CPU variant")
+            log.debug("registered ggml backends %s from %s", ", ".join(backend_names(ggml)), backends)
         _ggml = ggml
         _module = llama_cpp
         return llama_cpp
+
+
+def backend_names(ggml: ctypes.CDLL | None = None) -> list[str]:
+    """The registered ggml backends (CPU, Vulkan, RPC...)."""
+    lib = ggml or _ggml
+    if lib is None:
+        load()
+        lib = _ggml
+    assert lib is not None
+    return [(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)) or b"").decode()
+            for i in range(lib.ggml_backend_reg_count())]
+
+
+def cpu_variants(directory: Path | None = None) -> list[str]:
+    """The CPU variants the runtime ships (x64, sse42, haswell, skylakex, ...)."""
+    found = backend_dir() if directory is None else directory
+    return sorted(p.name[len("libggml-cpu-"):-3] for p in found.glob("libggml-cpu-*.so"))
 
 
 def devices() -> list[dict[str, Any]]:

@@ -193,6 +193,8 @@ class HardwareClass:
     offload: str
     threads: str | int
     models: tuple[str, ...]
+    slots: int = 4
+    """Requests generated at once at most (llama-server slots); fewer when memory is short."""
 
     def matches(self, vram: float, ram: float, igpus: Sequence[Gpu], cores: int) -> bool:
         """Whether a machine with these figures (GiB, GiB, usable iGPUs, cores) belongs to this class."""
@@ -235,7 +237,7 @@ def load_profiles(path: str | Path | None = None) -> Profiles:
             name=str(c["name"]), description=str(c.get("description", "")), when=dict(c.get("when") or {}),
             context=int(c.get("context", 4096)), min_context=int(c.get("min_context", 2048)),
             offload=str(c.get("offload", "all")), threads=c.get("threads", "physical"),
-            models=tuple(str(m) for m in c.get("models") or ()),
+            models=tuple(str(m) for m in c.get("models") or ()), slots=int(c.get("slots", 4)),
         )
         for c in data.get("classes") or ()
     )
@@ -245,7 +247,7 @@ def load_profiles(path: str | Path | None = None) -> Profiles:
 
 
 def offload_possible(report: Report) -> bool:
-    """False only when llama.cpp was asked and has no GPU backend; unknown (a fixture, a peer) counts as yes."""
+    """False only when llama.cpp was asked and sees no GPU; unknown (a fixture, a peer) counts as yes."""
     return report.llama_cpp.gpu_offload is not False
 
 
@@ -284,11 +286,13 @@ class Choice:
     hardware_class: str
     free: int
     """The memory it was fitted into (free VRAM, or available RAM), bytes."""
+    slots: int = 1
+    """Requests generated at once, each with *context* tokens (continuous batching)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON and the API."""
         return {"model": self.model.name, "label": self.model.label, "context": self.context,
-                "gpu_layers": self.gpu_layers, "threads": self.threads, "device": self.device,
+                "slots": self.slots, "gpu_layers": self.gpu_layers, "threads": self.threads, "device": self.device,
                 "estimate": self.estimate.to_dict(), "reason": self.reason,
                 "hardware_class": self.hardware_class, "free": self.free}
 
@@ -343,9 +347,18 @@ def _choice(model: ModelSpec, est: Estimate, budget: _Budget, report: Report, cl
     device = budget.device
     if device == "gpu" and 0 < gpu_layers < model.n_layers:
         device = "gpu+cpu"
-    reason = (f"{model.label}: needs {gib(est.need)} with {_ctx_label(est.context)} context; "
+    # As many parallel slots as the profile allows and the memory holds, each with the whole context.
+    slots, total = 1, est
+    for n in range(max(1, cls.slots), 1, -1):
+        more = estimate(model, est.context * n, est.margin)
+        if more.total <= budget.free:
+            slots, total = n, more
+            break
+    parallel = (f"; {slots} requests at once ({slots} slots of {_ctx_label(est.context)})" if slots > 1
+                else "; one request at a time (memory holds one slot)" if cls.slots > 1 else "")
+    reason = (f"{model.label}: needs {gib(total.need)} with {_ctx_label(est.context)} context{parallel}; "
               f"this node has {budget.where}{note}")
-    return Choice(model, est.context, gpu_layers, threads, device, est, reason, cls.name, budget.free)
+    return Choice(model, est.context, gpu_layers, threads, device, total, reason, cls.name, budget.free, slots)
 
 
 def _resolve(name: str, catalogue: Sequence[ModelSpec]) -> ModelSpec | None:
@@ -456,7 +469,7 @@ def _auto(report: Report, cls: HardwareClass, catalogue: Sequence[ModelSpec], pr
 
 def _gpu_note(report: Report, budget: _Budget) -> str:
     if budget.device == "cpu" and report.usable_gpus and not offload_possible(report):
-        return f" (the {report.usable_gpus[0].name} is not used: this llama.cpp build has no GPU backend)"
+        return f" (the {report.usable_gpus[0].name} is not used: llama.cpp sees no GPU it can use)"
     return ""
 
 

@@ -76,11 +76,19 @@ def _print(health: dict[str, Any], models: dict[str, Any], api_url: str) -> None
 
 
 def _offload_text(offload: Any) -> str:
-    """'12/25 layers on GPU' or 'CPU (haswell)': where the model runs."""
+    """'19/19 layers on Vulkan0 (AMD Radeon RX 6700 XT)' or 'CPU (haswell)': where llama.cpp put the model."""
     if not isinstance(offload, dict):
         return f"offload: {offload}"
     done, total = offload.get("layers_offloaded"), offload.get("layers_total")
     variant = offload.get("cpu_variant")
     if done:
-        return f"{done}/{total} layers on GPU"
+        return f"{done}/{total} layers on {device_text(offload)}"
     return f"CPU ({variant})" if variant else "CPU"
+
+
+def device_text(offload: dict[str, Any]) -> str:
+    """The devices llama.cpp placed weights on, with their descriptions: 'Vulkan0 (llvmpipe ...)'."""
+    used = offload.get("devices_used") or [d for d in str(offload.get("backend") or "").split(", ") if d]
+    described = {d.get("name"): d.get("description") for d in offload.get("devices") or () if isinstance(d, dict)}
+    names = [f"{u} ({described[u]})" if described.get(u) else str(u) for u in used]
+    return ", ".join(names) or "GPU"

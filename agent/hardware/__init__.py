@@ -6,6 +6,7 @@ they found into one ``Report``. A missing driver or library is a fact in the rep
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -35,13 +36,40 @@ def probe(root: str | os.PathLike[str] = "/", *, nvml: Any = None, llama_devices
     memory = next((f.memory for f in found.values() if f.memory), 0)
     available = next((f.memory_available for f in found.values() if f.memory_available), 0)
     llama = found["llama.cpp"].extra.get("llama_cpp") if "llama.cpp" in found else None
+    gpus = tuple(g for f in found.values() for g in f.gpus)
     return Report(
         cpu=cpu,
         memory=memory,
         memory_available=available,
-        gpus=tuple(g for f in found.values() for g in f.gpus),
+        gpus=through_llama(gpus, llama),
         npus=tuple(n for f in found.values() for n in f.npus),
         backends=tuple(f.fact for f in found.values()),
         llama_cpp=llama or LlamaCpp(False, "not probed"),
         root=str(root),
     )
+
+
+_VENDOR_WORDS = {"nvidia": ("nvidia", "geforce", "rtx", "quadro"), "amd": ("amd", "radeon"), "intel": ("intel", "arc")}
+
+
+def through_llama(gpus: tuple[Gpu, ...], llama: LlamaCpp | None) -> tuple[Gpu, ...]:
+    """GPUs that the vendor probe could not vouch for (no NVML without NVIDIA's driver, say) but that llama.cpp
+    computes on (Vulkan through Mesa's NVK, RADV or ANV) become usable, with the memory llama.cpp reports."""
+    if llama is None or not llama.available:
+        return gpus
+    offered = [d for d in llama.devices if d.get("type") in ("gpu", "igpu") and d.get("memory_total")]
+    out = []
+    for g in gpus:
+        words = _VENDOR_WORDS.get(g.vendor, (g.vendor,))
+        match = next((d for d in offered if any(w in str(d.get("description", "")).lower() for w in words)), None)
+        if match is not None and not g.integrated and (not g.usable or not g.vram_total):
+            offered.remove(match)
+            g = dataclasses.replace(
+                g, usable=True, vram_total=g.vram_total or int(match["memory_total"]),
+                vram_free=int(match["memory_free"]) if match.get("memory_free") else g.vram_free,
+                note=f"used through llama.cpp's {match['name']} ({match.get('description', '')})"
+                     + (f"; {g.note}" if g.note else ""))
+        elif match is not None:
+            offered.remove(match)
+        out.append(g)
+    return tuple(out)

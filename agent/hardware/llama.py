@@ -42,6 +42,14 @@ def summarize(devices: list[Any], cpu_variant: str | None = None) -> LlamaCpp:
                     cpu_variant=cpu_variant)
 
 
+def no_gpu_reason(backends: list[str]) -> str:
+    """Why llama.cpp offers no GPU, in the words a user can act on."""
+    if "Vulkan" in backends:
+        return ("llama.cpp sees no GPU it can use (CPU only): its Vulkan backend found no GPU driver "
+                "(Mesa's RADV/ANV/NVK or a vendor's)")
+    return "llama.cpp sees no GPU it can use (CPU only)"
+
+
 class LlamaBackend(Backend):
     """llama.cpp's own view of usable backends and devices."""
 
@@ -52,13 +60,15 @@ class LlamaBackend(Backend):
         if not self.ctx.with_llama:
             return self._none("not probed (--no-llama)")
         variant = None
+        backends: list[str] = []
         try:
             if self.ctx.llama_devices is not None:
                 devices = list(self.ctx.llama_devices())
             elif self.ctx.is_live:
                 runtime = importlib.import_module("hearth.llamacpp")
                 devices = list(runtime.devices())
-                variant = runtime.cpu_variant() if hasattr(runtime, "cpu_variant") else None
+                variant = runtime.cpu_variant()
+                backends = runtime.backend_names()
             else:
                 recorded = self.ctx.path("/llamacpp.json")
                 if not recorded.exists():
@@ -72,7 +82,7 @@ class LlamaBackend(Backend):
             return self._none(f"llama.cpp could not list devices: {e}")
         llama = summarize(devices, variant)
         gpus = [d["name"] for d in llama.devices if d["type"] in GPU_TYPES]
-        reason = None if gpus else "this llama.cpp build has no GPU backend (CPU only)"
+        reason = None if gpus else no_gpu_reason(backends)
         return Findings(self.fact(True, reason, devices=len(llama.devices)), extra={"llama_cpp": llama})
 
     def _none(self, reason: str) -> Findings:

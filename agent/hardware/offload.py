@@ -21,7 +21,7 @@ def _get(facts: Any, *names: str) -> Any:
 def offload_warning(report: Report, facts: Any) -> str | None:
     """A loud one-line warning when a discrete GPU exists but the loaded model runs (partly) on the CPU.
 
-    *facts* are the offload facts the engine records when the model loads (hearth.serving.engine: a
+    *facts* are the offload facts llama-server reports when the model loads (hearth.serving.llamaserver: a
     dict with ``layers_offloaded``, ``layers_total``, ``gpu_offload_supported`` and llama.cpp's
     ``devices``; a ``backend`` name is honoured too); None (no model loaded) gives None.
     """

@@ -10,6 +10,7 @@ and, in test mode only, the API key on the serial console.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -58,13 +59,24 @@ def test_uefi_headless_preset_openai_and_growth(image, harness, tmp_path):
     preset = tmp_path / "hearth.yaml"
     preset.write_bytes(PRESET.replace("\n", "\r\n").encode())
     vm = harness.VM(image, firmware="uefi", disk_size="6G", port=port, workdir=tmp_path / "vm",
-                    credentials={"hearth.check": "full show-key"})
+                    credentials={"hearth.check": "full show-key vulkan"
+                                 + (" vulkan-tokens" if os.environ.get("HEARTH_IMAGE_VULKAN") else "")})
     vm.prepare()
     harness.put_preset(vm.disk, preset)
     with vm:
         code, lines, seconds = verdict(vm)
         print(f"UEFI boot to healthy API: {seconds:.0f}s ({harness.kvm_works() and 'kvm' or 'tcg'})")
         assert code == 0, f"hearth-check failed:\n{vm.tail(80)}"
+        # The image's runtime on Mesa's lavapipe: its Vulkan backend loads and sees a Vulkan device.
+        devices = json.loads(lines["vulkan-devices"])
+        print("vulkan in the image:", devices)
+        assert devices["backends_gpu"] and any(d.startswith("Vulkan0: llvmpipe") for d in devices["devices"]), devices
+        if os.environ.get("HEARTH_IMAGE_VULKAN"):
+            # Opt-in (lavapipe compiles its pipelines with LLVM under TCG: far past the CI budget).
+            vulkan = json.loads(lines["vulkan"])
+            assert "Vulkan" in vulkan["gpu_backends"] and "llvmpipe" in vulkan["gpu_device"].lower(), vulkan
+            assert vulkan["layers_offloaded"] == vulkan["layers_total"] > 0, vulkan
+            assert vulkan["positions"] == 32 and not vulkan["mismatches"] and vulkan["ok"], vulkan
         # The data partition grew from its build size (256 MiB) to the end of the 6 GiB disk.
         assert int(lines["var"].split()[0]) > 4 * GiB, lines["var"]
         key = lines["api-key"]

@@ -10,6 +10,7 @@ own state directory, waits until /health says ready, and stops it with SIGTERM a
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -110,9 +111,18 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated 4-layer llama (128 wide, F32): small enough for lavapipe, big enough to be a model."""
+    pytest.importorskip("gguf")
+    return make_tiny_gguf(tmp_path_factory.mktemp("small") / "small.gguf", n_embd=128, n_layer=4, n_head=4,
+                          n_ff=256, n_ctx=256)
+
+
+@pytest.fixture(scope="session")
 def llama_runtime() -> Any:
     """llama-cpp-python with ggml's backends loaded (skips when the runtime is not installed)."""
-    pytest.importorskip("llama_cpp")
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
     from hearth import llamacpp
 
     return llamacpp.load()

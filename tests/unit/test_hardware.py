@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import pytest
 from hearth.hardware import GIB, Report, probe
 from hearth.hardware.amd import gfx_name
 from hearth.hardware.backend import Backend, load_backends
+from hearth.hardware.llama import no_gpu_reason
 from hearth.hardware.nvml import NvmlUnavailable, PynvmlSource, RecordedSource
 from hearth.hardware.offload import offload_warning
 
@@ -173,7 +175,7 @@ def test_llama_devices_decide_offload() -> None:
     cpu_only = [{"name": "CPU", "type": "cpu", "description": "Intel N100", "memory_free": 1, "memory_total": 2}]
     r = machine("desktop-nvidia", llama_devices=lambda: cpu_only)
     assert r.llama_cpp.available and r.llama_cpp.gpu_offload is False
-    assert "no GPU backend" in (fact(r, "llama.cpp").reason or "")
+    assert "sees no GPU" in (fact(r, "llama.cpp").reason or "")
     cuda = cpu_only + [{"name": "CUDA0", "type": "gpu", "description": "NVIDIA GeForce RTX 3060",
                         "memory_free": 12455510016, "memory_total": 12884901888}]
     assert machine("desktop-nvidia", llama_devices=lambda: cuda).llama_cpp.gpu_offload is True
@@ -296,11 +298,33 @@ def test_cli_bad_root(capsys: pytest.CaptureFixture[str]) -> None:
     assert "hearth: error: --root /no/such/machine: no such directory" in capsys.readouterr().err
 
 
-def test_llama_cpp_here_is_cpu_only() -> None:
-    """The default image's llama.cpp (the wheel in .venv) has CPU backends only: the report must say so."""
-    pytest.importorskip("llama_cpp")
+def test_llama_cpp_here_has_vulkan_but_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This machine has no GPU: the runtime loads its Vulkan backend, ggml skips CPU-type Vulkan devices
+    (lavapipe) unless told otherwise, so the report says CPU only and why."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
+    monkeypatch.delenv("GGML_VK_VISIBLE_DEVICES", raising=False)
     r = probe("/")
     assert r.llama_cpp.available, r.llama_cpp.reason
     assert r.llama_cpp.gpu_offload is False
     assert any(d["type"] == "cpu" for d in r.llama_cpp.devices)
-    assert fact(r, "llama.cpp").reason == "this llama.cpp build has no GPU backend (CPU only)"
+    assert fact(r, "llama.cpp").reason == no_gpu_reason(["CPU", "Vulkan", "RPC"])
+
+
+def test_a_gpu_without_its_vendor_driver_is_used_through_llama_cpp() -> None:
+    """An NVIDIA card on the default image (nouveau + Mesa's NVK, no NVML) is still a GPU to plan for, with
+    the memory llama.cpp's Vulkan device reports; the CPU-only view leaves it unusable."""
+    from hearth.hardware import Gpu, LlamaCpp, through_llama
+
+    card = Gpu(vendor="nvidia", name="NVIDIA GeForce RTX 3060", integrated=False, vram_total=None, usable=False,
+               note="NVIDIA GPU present but driver not loaded")
+    vulkan = LlamaCpp(available=True, gpu_offload=True, devices=(
+        {"name": "CPU", "type": "cpu", "description": "AMD Ryzen 5 5600X", "memory_free": 1, "memory_total": 2},
+        {"name": "Vulkan0", "type": "gpu", "description": "NVIDIA GeForce RTX 3060 (NVK GA106)",
+         "memory_free": 12 * GIB, "memory_total": 12 * GIB}))
+    (used,) = through_llama((card,), vulkan)
+    assert used.usable and used.vram_total == 12 * GIB and used.vram_free == 12 * GIB
+    assert used.note and "Vulkan0" in used.note and "driver not loaded" in used.note
+    cpu_only = LlamaCpp(available=True, gpu_offload=False, devices=vulkan.devices[:1])
+    assert through_llama((card,), cpu_only) == (card,)
+    assert through_llama((card,), None) == (card,)

@@ -67,8 +67,18 @@ def test_each_machine_gets_the_careful_pick(name: str, model: str, device: str, 
 def test_reason_names_the_gpu() -> None:
     choice = select(machine("desktop-nvidia"), catalogue=CATALOGUE, profiles=PROFILES)
     assert choice is not None
-    assert choice.reason == ("Qwen2.5 14B Instruct Q4_K_M: needs 10.2 GiB with 8k context; "
-                             "this node has 11.6 GiB free VRAM on NVIDIA GeForce RTX 3060")
+    assert choice.reason == ("Qwen2.5 14B Instruct Q4_K_M: needs 10.2 GiB with 8k context; one request at a time "
+                             "(memory holds one slot); this node has 11.6 GiB free VRAM on NVIDIA GeForce RTX 3060")
+    assert choice.slots == 1
+
+
+def test_slots_fill_the_memory_the_model_leaves() -> None:
+    """The profile allows 4 slots; a small model on a big GPU gets all 4, each with the full context."""
+    r = machine("desktop-nvidia")
+    choice = select(r, catalogue=CATALOGUE, profiles=PROFILES, config=cfg(name="qwen2.5-1.5b-instruct"))
+    assert choice is not None and choice.slots == 4
+    assert "4 requests at once (4 slots of" in choice.reason
+    assert choice.estimate.kv_cache == estimate(choice.model, choice.context * 4).kv_cache
 
 
 def test_one_gpu_of_two_would_get_less() -> None:
@@ -151,7 +161,7 @@ def test_cpu_only_llama_build_plans_for_ram() -> None:
     r = machine("desktop-nvidia", llama_devices=lambda: [{"name": "CPU", "type": "cpu"}])
     choice = select(r, catalogue=CATALOGUE, profiles=PROFILES)
     assert choice is not None and choice.device == "cpu" and choice.gpu_layers == 0
-    assert "no GPU backend" in choice.reason
+    assert "sees no GPU" in choice.reason
 
 
 def test_estimate_matches_the_formula() -> None:
