@@ -194,7 +194,9 @@ class ModelSettings:
     context: int = setting(0, "Context length in tokens; 0 means the profile's.", in_range(0, 1 << 20))
     threads: int = setting(0, "CPU threads for generation; 0 means the profile's (physical cores).", in_range(0, 1024))
     gpu_layers: int = setting(-1, "Layers to offload to the GPU; -1 means as many as fit.", in_range(-1, 10_000))
-    chat_format: str = setting("", "llama-cpp-python chat format; empty means the GGUF's own template.")
+    slots: int = setting(0, "Requests generated at once (llama-server slots, continuous batching); 0 means the profile's.",
+                         in_range(0, 64))
+    chat_format: str = setting("", "Chat template for GGUFs without one (gemma, chatml); empty means the GGUF's own.")
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from .config import Config
 from .errors import HearthError
-from .serving.pool import Pool
+from .serving.local import Pool
 from .serving.router import Router
 from .serving.types import Router as RouterProtocol
 from .serving.types import Upstream
@@ -124,8 +126,7 @@ def resolve_model(config: Config, report: Any = None) -> tuple[str, Path, dict[s
     model, context, threads and offload for this hardware (*report*), and the store finds its file.
     """
     name = config.model.name.strip() or "auto"
-    options: dict[str, Any] = {"context": config.model.context, "threads": config.model.threads,
-                               "gpu_layers": config.model.gpu_layers, "chat_format": config.model.chat_format}
+    options = _base_options(config)
     if name == "none":
         return None
     as_path = Path(name).expanduser()
@@ -140,7 +141,8 @@ def resolve_model(config: Config, report: Any = None) -> tuple[str, Path, dict[s
         if choice is None:
             return None
         log.info("model: %s", choice.reason)
-        options.update(context=choice.context, threads=choice.threads, gpu_layers=choice.gpu_layers)
+        options.update(context=choice.context, threads=choice.threads, gpu_layers=choice.gpu_layers,
+                       slots=config.model.slots or choice.slots)
         return choice.model.name, find_model_file(config, choice.model.name), options
     if name == "auto":
         files = _store_files(config)
@@ -178,7 +180,7 @@ def _store_files(config: Config) -> list[Path]:
 
 
 def _base_options(config: Config) -> dict[str, Any]:
-    return {"context": config.model.context, "threads": config.model.threads,
+    return {"context": config.model.context, "threads": config.model.threads, "slots": config.model.slots,
             "gpu_layers": config.model.gpu_layers, "chat_format": config.model.chat_format}
 
 
@@ -199,7 +201,8 @@ def plan_download(config: Config, report: Any = None) -> tuple[str, dict[str, An
         choice = select.select(report, config)
         if choice is None:
             return None
-        options.update(context=choice.context, threads=choice.threads, gpu_layers=choice.gpu_layers)
+        options.update(context=choice.context, threads=choice.threads, gpu_layers=choice.gpu_layers,
+                       slots=config.model.slots or choice.slots)
         name = choice.model.name
     entry = catalogue.get(name)
     if entry is None or Store.from_config(config, catalogue).find(entry.name) is not None:
@@ -233,7 +236,8 @@ def fallback_from_store(config: Config, report: Any) -> tuple[str, Path, dict[st
         return None
     stored, choice = found
     options = _base_options(config)
-    options.update(context=choice.context, threads=choice.threads, gpu_layers=choice.gpu_layers)
+    options.update(context=choice.context, threads=choice.threads, gpu_layers=choice.gpu_layers,
+                   slots=config.model.slots or choice.slots)
     return stored.name, stored.path, options
 
 
@@ -373,6 +377,54 @@ class Node:
             await self.pool.remove(name)
         log.info("stopped the stand-in model %s", name)
 
+    async def pull(self, name: str) -> AsyncIterator[dict[str, Any]]:
+        """Fetch catalogue model *name* into the store (Ollama's /api/pull) and serve it, yielding
+        Ollama-style progress ({"status", "total", "completed"}); raises HearthError when it cannot."""
+        from .models.catalogue import load as load_catalogue
+        from .models.store import Store
+        from .serving.acquire import _default_fetch
+
+        entry = load_catalogue().get(name)
+        if entry is None:
+            raise HearthError(f"model '{name}' is not in Hearth's catalogue",
+                              hint="'hearth models list' shows what can be pulled")
+        yield {"status": "pulling manifest"}
+        if name in self.pool.upstreams:
+            yield {"status": "success"}
+            return
+        store = Store.from_config(self.config)
+        digest = f"sha256:{entry.sha256}" if getattr(entry, "sha256", None) else f"hearth:{entry.file}"
+        progress = {"completed": 0, "total": entry.size_bytes or 0}
+
+        def report(done: int, total: int | None, rate: float) -> None:
+            progress["completed"] = done
+            if total:
+                progress["total"] = total
+
+        if store.find(entry.name) is None:
+            stop = threading.Event()
+            fetch = asyncio.ensure_future(asyncio.to_thread(_default_fetch, self.config, entry.name, report,
+                                                            stop.is_set, lambda via: None))
+            try:
+                while not fetch.done():
+                    yield {"status": f"pulling {entry.file}", "digest": digest, **progress}
+                    await asyncio.wait({fetch}, timeout=0.5)
+                fetch.result()
+            except HearthError:
+                raise
+            except OSError as e:
+                raise HearthError(f"cannot pull {name}: {e.strerror or e}") from None
+            finally:
+                stop.set()
+            yield {"status": f"pulling {entry.file}", "digest": digest, **progress}
+        yield {"status": "verifying sha256 digest"}
+        chosen = await asyncio.to_thread(resolve_model, self.config.replace(**{"model.name": entry.name}), self.report)
+        if chosen is None:
+            raise HearthError(f"{name} is in the store but this node cannot serve it")
+        self._serve(*chosen)
+        yield {"status": "writing manifest"}
+        yield {"status": "success"}
+
     def _serve(self, name: str, path: Path, options: dict[str, Any]) -> None:
         log.info("serving %s from %s", name, path)
         upstream = self.pool.add(name, path, **options)
@@ -454,6 +506,8 @@ class Node:
             load = up.load()
             models[name] = {"state": w.state, "error": w.error, "restarts": w.restarts, "pid": w.pid,
                             "queued": load.queued, "capacity": load.capacity,
+                            "slots": w.info.get("slots", up.slots), "context": w.info.get("context_length"),
+                            "tools": w.info.get("tools"),
                             "tokens_per_second": round(load.tokens_per_second, 1),
                             "offload": w.info.get("offload")}
         states = [m["state"] for m in models.values()]

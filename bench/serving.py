@@ -1,21 +1,24 @@
-"""Serving overhead: Hearth's API vs the direct llama-cpp-python token loop vs ``llama_cpp.server``.
+"""Serving: Hearth's API over llama.cpp's llama-server, against llama-server called directly.
 
 Interleaved in one run, on the same model (Gemma 3 270M Q4_K_M), prompt, threads, seed and explicit
-sampling parameters (greedy, repeat_penalty 1.0), each round streams one completion three ways:
+sampling parameters (greedy, repeat_penalty 1.0):
 
-- direct: a loop over ``Llama.generate()`` with incremental UTF-8 decoding in this process (the honest
-  baseline: ``create_completion(stream=True)`` re-decodes all text on every token and is quadratic);
-- hearth: ``/v1/completions`` with ``stream: true`` through a real ``hearth agent`` (worker process,
-  Unix socket, router, FastAPI, SSE), read with httpx;
-- server: the same request to ``python -m llama_cpp.server``.
+- hearth: ``/v1/completions`` with ``stream: true`` through a real ``hearth agent`` (its llama-server on a Unix
+  socket, the router, FastAPI, SSE), read with httpx;
+- llama-server: the same request straight to a second llama-server from the same runtime, started with the
+  very flags Hearth's engine uses (``ServerSpec.argv()``, same slots and context), on its own socket;
+- direct: "today's loop", the Python token loop over ``Llama.generate()`` the agent used before the engine
+  swap, in this process (incremental UTF-8 decoding; ``create_completion(stream=True)`` is quadratic);
+- server: ``python -m llama_cpp.server`` (when its extras are installed; ``--no-server`` skips it).
 
-Each round uses a fresh prompt (same for all three) so prompt evaluation is measured, and rotates the
-order. It reports medians of time to first token (TTFT, from sending the request to the first text)
-and ms per token after the first; the ratios and added TTFT are medians of per-round comparisons, which
-hold up better than ratios of medians when other programs load the machine. The last line is one JSON
-object (with the load average at the end, to judge how quiet the machine was).
+Each round uses a fresh prompt (same for all) so prompt evaluation is measured, and rotates the order. It
+reports medians of time to first token (TTFT) and ms per token after the first; ratios and added TTFT are
+medians of per-round comparisons, which hold up better than ratios of medians on a loaded machine. Then
+``--parallel`` streams at once through Hearth and straight to llama-server (aggregate tokens/s), and a 512-
+against a 64-token stream through Hearth. The last line is one JSON object with ``ms_per_token_ratio``,
+``ttft_added_ms``, ``parallel_ratio`` and ``long_over_short``.
 
-    .venv/bin/python bench/serving.py [--rounds 7] [--tokens 128] [--threads 2]
+    .venv/bin/python bench/serving.py [--rounds 7] [--tokens 128] [--threads 2] [--parallel 4]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -31,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -116,6 +121,8 @@ def sse_stream(client: httpx.Client, url: str, body: dict[str, Any]) -> Iterator
             if data == "[DONE]":
                 return
             chunk = json.loads(data)
+            if not chunk.get("choices"):
+                continue
             text = chunk["choices"][0].get("text") or ""
             if text:
                 yield text
@@ -185,27 +192,69 @@ def run_rounds(args: argparse.Namespace, paths: dict[str, Callable[[str], Iterat
             for n in names) + ("" if same else "  [texts differ]"), flush=True)
 
 
+def concurrent(stream_fn: Callable[[str], Iterator[str]], n: int, tokens_each: int) -> dict[str, float]:
+    """*n* streams at once: aggregate pieces per second, and each stream's time to its first piece."""
+    firsts: list[float] = []
+    counts: list[int] = []
+    barrier = threading.Barrier(n)
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        barrier.wait()
+        t0 = time.perf_counter()
+        got = 0
+        for _ in stream_fn(PROMPT.format(n=f"parallel {i}")):
+            if got == 0:
+                with lock:
+                    firsts.append(time.perf_counter() - t0)
+            got += 1
+        with lock:
+            counts.append(got)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    firsts.sort()
+    return {"tokens_per_second": sum(counts) / wall, "ttft_first_ms": firsts[0] * 1e3 if firsts else float("nan"),
+            "ttft_last_ms": firsts[-1] * 1e3 if firsts else float("nan"), "pieces": float(sum(counts))}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the interleaved benchmark and print the figures."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--context", type=int, default=2048, help="context per slot")
+    p.add_argument("--parallel", type=int, default=4, help="slots, and streams in the parallel round")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--model", type=Path, help="GGUF file (default: Gemma 3 270M from its PyPI package)")
     p.add_argument("--no-server", action="store_true", help="skip llama_cpp.server")
     args = p.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the servers started below are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from hearth.serving.llamaserver import ServerSpec
+
     model = args.model or gemma()
     tmp = Path(tempfile.mkdtemp(prefix="hearth-bench-"))
     hearth_port, server_port = free_port(), free_port()
     (tmp / "hearth.yaml").write_text(json.dumps({
-        "api": {"host": "127.0.0.1", "port": hearth_port}, "state": {"dir": str(tmp / "state")},
-        "model": {"name": str(model), "threads": args.threads, "context": args.context}, "mesh": {"enabled": False},
-        "log": {"level": "warning"}}))
+        "api": {"host": "127.0.0.1", "port": hearth_port, "queue_depth": 16}, "state": {"dir": str(tmp / "state")},
+        "model": {"name": str(model), "threads": args.threads, "context": args.context, "slots": args.parallel},
+        "mesh": {"enabled": False}, "log": {"level": "warning"}}))
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    # llama.cpp's own server with exactly the flags Hearth's engine uses, on its own socket: the yardstick.
+    spec = ServerSpec(name="direct", model_path=model, socket_path=tmp / "direct.sock", context=args.context,
+                      slots=args.parallel, threads=args.threads)
+    from hearth.serving.llamaserver import default_chat_format, gguf_facts
+
+    spec.chat_format = default_chat_format(gguf_facts(model))
+    have_server = not args.no_server and importlib.util.find_spec("sse_starlette") is not None
     # llama_cpp.server imports llama_cpp itself: register ggml's backends first, the way Hearth does.
     server_boot = ("import runpy, sys; from hearth import llamacpp; llamacpp.load(); "
                    "sys.argv = ['llama_cpp.server'] + sys.argv[1:]; runpy.run_module('llama_cpp.server', run_name='__main__')")
@@ -214,25 +263,34 @@ def main(argv: list[str] | None = None) -> int:
                    "--n_ctx", str(args.context), "--seed", str(args.seed), "--verbose", "false"]
     s = sampling(args)
     body = {"model": model.stem, "max_tokens": args.tokens, "stream": True, **s}
-    results: dict[str, list[dict[str, float]]] = {"direct": [], "hearth": [], "server": []}
+    names = ["direct", "hearth", "llama-server"] + (["server"] if have_server else [])
+    results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     with contextlib.ExitStack() as stack:
         hearth = stack.enter_context(process([sys.executable, "-m", "hearth", "--config", str(tmp / "hearth.yaml"),
                                               "agent"], tmp / "hearth.log", env))
-        server = None if args.no_server else stack.enter_context(process(server_argv, tmp / "server.log", env))
+        cpp = stack.enter_context(process(spec.argv(), tmp / "llama-server.log", env))
+        server = stack.enter_context(process(server_argv, tmp / "server.log", env)) if have_server else None
         direct = Direct(model, args)
         wait_http(f"http://127.0.0.1:{hearth_port}/health", hearth, tmp / "hearth.log")
+        cpp_client = stack.enter_context(httpx.Client(transport=httpx.HTTPTransport(uds=str(spec.socket_path)),
+                                                      base_url="http://llama-server", timeout=300))
+        wait_uds(cpp_client, cpp, tmp / "llama-server.log")
         if server is not None:
             wait_http(f"http://127.0.0.1:{server_port}/v1/models", server, tmp / "server.log")
-        client = stack.enter_context(httpx.Client(timeout=120))
-        paths: dict[str, Callable[[str], Iterator[str]]] = {
-            "direct": direct.stream,
-            "hearth": lambda prompt: sse_stream(client, f"http://127.0.0.1:{hearth_port}/v1/completions",
-                                                {**body, "prompt": prompt}),
-        }
+        client = stack.enter_context(httpx.Client(timeout=300))
+
+        def hearth_stream(prompt: str, tokens: int = args.tokens, **extra: Any) -> Iterator[str]:
+            return sse_stream(client, f"http://127.0.0.1:{hearth_port}/v1/completions",
+                              {**body, "max_tokens": tokens, "prompt": prompt, **extra})
+
+        def cpp_stream(prompt: str, tokens: int = args.tokens) -> Iterator[str]:
+            return sse_stream(cpp_client, "/v1/completions", {**body, "max_tokens": tokens, "prompt": prompt})
+
+        paths: dict[str, Callable[[str], Iterator[str]]] = {"direct": direct.stream, "hearth": hearth_stream,
+                                                           "llama-server": cpp_stream}
         if server is not None:
             paths["server"] = lambda prompt: sse_stream(client, f"http://127.0.0.1:{server_port}/v1/completions",
                                                         {**body, "prompt": prompt})
-        names = list(paths)
         for name in names:  # warm-up: first-request costs (page cache, allocations) are not serving overhead
             measure(lambda name=name: paths[name](PROMPT.format(n="zero")))
         try:
@@ -242,36 +300,86 @@ def main(argv: list[str] | None = None) -> int:
             args.rounds = len(results["direct"])
             if not args.rounds:
                 raise
+        # Parallel: N streams at once through Hearth, then straight to llama-server (same slots), twice each.
+        nostop = {"logit_bias": {str(t): -100 for t in eog_tokens(model)}}
+        par: dict[str, list[dict[str, float]]] = {"hearth": [], "llama-server": []}
+        for _ in range(2):
+            par["hearth"].append(concurrent(lambda pr: hearth_stream(pr, 64), args.parallel, 64))
+            par["llama-server"].append(concurrent(lambda pr: cpp_stream(pr, 64), args.parallel, 64))
+        # Length: a 512-token stream against a 64-token one, through Hearth (EOS held off by logit_bias).
+        long = measure(lambda: hearth_stream(PROMPT.format(n="long"), 512, **nostop))
+        short = measure(lambda: hearth_stream(PROMPT.format(n="short"), 64, **nostop))
 
     def med(name: str, key: str) -> float:
-        return statistics.median(x[key] for x in results[name]) if results[name] else float("nan")
+        return statistics.median(x[key] for x in results[name]) if results.get(name) else float("nan")
 
-    def paired(name: str, key: str, ratio: bool) -> float:
+    def paired(name: str, base: str, key: str, ratio: bool = True) -> float:
         # Per-round comparisons first, then the median: load from other programs drifts over seconds,
-        # so a round's three measurements share their conditions more than any two rounds do.
-        pairs = [(x[key] / d[key]) if ratio else (x[key] - d[key]) for x, d in zip(results[name], results["direct"],
-                                                                                  strict=False)]
+        # so a round's measurements share their conditions more than any two rounds do.
+        pairs = [(x[key] / b[key]) if ratio else (x[key] - b[key])
+                 for x, b in zip(results.get(name, []), results[base], strict=False)]
         return statistics.median(pairs) if pairs else float("nan")
+
+    def best(rows: list[dict[str, float]], key: str) -> float:
+        return max(r[key] for r in rows)
 
     summary: dict[str, Any] = {
         "model": model.name, "rounds": args.rounds, "tokens": args.tokens, "threads": args.threads,
-        "direct_ms_per_token": round(med("direct", "ms_per_token"), 3),
+        "slots": args.parallel,
         "hearth_ms_per_token": round(med("hearth", "ms_per_token"), 3),
-        "server_ms_per_token": round(med("server", "ms_per_token"), 3),
-        "direct_ttft_ms": round(med("direct", "ttft_ms"), 2),
+        "llama_server_ms_per_token": round(med("llama-server", "ms_per_token"), 3),
+        "todays_loop_ms_per_token": round(med("direct", "ms_per_token"), 3),
+        "llama_cpp_server_ms_per_token": round(med("server", "ms_per_token"), 3),
         "hearth_ttft_ms": round(med("hearth", "ttft_ms"), 2),
-        "server_ttft_ms": round(med("server", "ttft_ms"), 2),
-        "ms_per_token_ratio": round(paired("hearth", "ms_per_token", True), 4),
-        "ttft_added_ms": round(paired("hearth", "ttft_ms", False), 2),
-        "llama_cpp_server_ratio": round(paired("server", "ms_per_token", True), 4),
-        "llama_cpp_server_ttft_added_ms": round(paired("server", "ttft_ms", False), 2),
+        "llama_server_ttft_ms": round(med("llama-server", "ttft_ms"), 2),
+        # Hearth (API + router + llama-server) over llama-server called directly, same flags and runtime.
+        "ms_per_token_ratio": round(paired("hearth", "llama-server", "ms_per_token"), 4),
+        "ttft_added_ms": round(paired("hearth", "llama-server", "ttft_ms", ratio=False), 2),
+        "todays_loop_ratio": round(paired("direct", "llama-server", "ms_per_token"), 4),
+        "llama_cpp_server_ratio": round(paired("server", "llama-server", "ms_per_token"), 4),
+        "parallel_hearth_tokens_per_second": round(best(par["hearth"], "tokens_per_second"), 1),
+        "parallel_llama_server_tokens_per_second": round(best(par["llama-server"], "tokens_per_second"), 1),
+        "parallel_ratio": round(best(par["hearth"], "tokens_per_second")
+                                / best(par["llama-server"], "tokens_per_second"), 4),
+        "parallel_ttft_last_over_first": round(statistics.median(r["ttft_last_ms"] / r["ttft_first_ms"]
+                                                                 for r in par["hearth"]), 2),
+        "long_over_short": round(long["ms_per_token"] / short["ms_per_token"], 4),
         "load_average": round(os.getloadavg()[0], 2),
     }
     print(f"medians over {args.rounds} rounds of {args.tokens} tokens, {args.threads} threads:")
     for name in names:
-        print(f"  {name:7s} {med(name, 'ms_per_token'):7.3f} ms/token   TTFT {med(name, 'ttft_ms'):7.2f} ms")
+        print(f"  {name:12s} {med(name, 'ms_per_token'):7.3f} ms/token   TTFT {med(name, 'ttft_ms'):7.2f} ms")
+    print(f"  {args.parallel} streams at once: hearth {summary['parallel_hearth_tokens_per_second']} tok/s, "
+          f"llama-server {summary['parallel_llama_server_tokens_per_second']} tok/s")
+    print(f"  512 vs 64 tokens through hearth: {long['ms_per_token']:.3f} vs {short['ms_per_token']:.3f} ms/token")
     print(json.dumps(summary))
     return 0
+
+
+def eog_tokens(model: Path) -> list[int]:
+    """The model's end-of-generation token ids (EOS, end-of-turn), from its GGUF header."""
+    from hearth.models.gguf import read_metadata
+
+    meta = read_metadata(model)
+    ids = {meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")}
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    for i, t in enumerate(tokens[:300] if isinstance(tokens, list) else []):
+        if t in ("<end_of_turn>", "<|im_end|>", "<|eot_id|>"):
+            ids.add(i)
+    return sorted(i for i in ids if isinstance(i, int))
+
+
+def wait_uds(client: httpx.Client, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180.0) -> None:
+    """Wait until llama-server on its socket answers /health 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"llama-server exited:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError, OSError):
+            if client.get("/health").status_code == 200:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"llama-server not ready after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,8 @@ def validation_to_api_error(errors: Any) -> ApiError:
     msg = str(first.get("msg", "is not valid"))
     if first.get("type") == "missing":
         text = f"'{param}' is required" if param else "the request needs a JSON body"
+    elif first.get("type") == "extra_forbidden":
+        text = f"'{param}' is not a field Hearth knows; remove it (no field is silently ignored)"
     elif param:
         text = f"'{param}': {msg}"
     else:

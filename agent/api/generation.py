@@ -14,7 +14,8 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from starlette.types import Receive
@@ -74,6 +75,55 @@ async def close_quietly(events: AsyncIterator[Event]) -> None:
 
 
 @dataclass
+class Answer:
+    """A whole answer gathered from its chunks: text, thoughts, complete tool calls, logprobs."""
+
+    parts: list[str] = field(default_factory=list)
+    thoughts: list[str] = field(default_factory=list)
+    calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    finished: Finished = field(default_factory=lambda: Finished("stop", 0, 0))
+
+    def add(self, chunk: TokenChunk) -> None:
+        """Add one chunk; tool-call deltas are merged by index (the arguments arrive in pieces)."""
+        if chunk.text:
+            self.parts.append(chunk.text)
+        if chunk.reasoning:
+            self.thoughts.append(chunk.reasoning)
+        self.logprobs.extend(chunk.logprobs)
+        for delta in chunk.tool_calls:
+            merge_tool_call(self.calls, delta)
+
+    @property
+    def text(self) -> str:
+        """The answer's text."""
+        return "".join(self.parts)
+
+    @property
+    def reasoning(self) -> str:
+        """The model's thoughts (thinking models), or ''."""
+        return "".join(self.thoughts)
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """Complete tool calls in OpenAI's form (arguments as a JSON string), in order."""
+        return [self.calls[i] for i in sorted(self.calls)]
+
+
+def merge_tool_call(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
+    """Fold one streamed tool-call delta into *calls* (by its index)."""
+    index = int(delta.get("index", len(calls)))
+    call = calls.setdefault(index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+    if delta.get("id"):
+        call["id"] = delta["id"]
+    fn = delta.get("function") or {}
+    if fn.get("name"):
+        call["function"]["name"] += fn["name"]
+    if fn.get("arguments"):
+        call["function"]["arguments"] += fn["arguments"]
+
+
+@dataclass
 class Generation:
     """An opened generation: its first event and the iterator for the rest."""
 
@@ -108,17 +158,18 @@ class Generation:
         finally:
             await close_quietly(self.events)
 
-    async def collect(self, receive: Receive) -> tuple[str, Finished]:
+    async def collect(self, receive: Receive) -> Answer:
         """The whole answer (non-streaming); a client that leaves meanwhile cancels it."""
-        parts: list[str] = []
+        answer = Answer()
         stream = self.rest()
         try:
             async with cancel_on_disconnect(receive):
                 async for event in stream:
                     if isinstance(event, TokenChunk):
-                        parts.append(event.text)
+                        answer.add(event)
                     elif isinstance(event, Finished):
-                        return "".join(parts), event
+                        answer.finished = event
+                        return answer
         except UpstreamError as e:
             raise ApiError.from_upstream(e) from None
         finally:
@@ -148,3 +199,12 @@ async def open_generation(router: Router, request: GenerationRequest, receive: R
         raise
     metrics.first_token(request.model, time.perf_counter() - started)
     return Generation(request, first, events, started, metrics)
+
+
+def require_tools(router: Router, model: str) -> None:
+    """A 400 for tools sent to a model whose template cannot call them (never silence)."""
+    info = next((m for m in router.models() if m.name == model), None)
+    # Only a loaded model's template is known; one still loading is asked again once it serves.
+    if info is not None and info.loaded and info.context_length and not info.tools:
+        raise ApiError(400, f"model '{model}' cannot call tools (its chat template has no tool support)",
+                       param="tools")

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from ..serving.types import Finished, TokenChunk, UpstreamError
 from . import wire
 from .errors import ApiError
-from .generation import Generation, open_generation
+from .generation import Generation, open_generation, require_tools
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .state import api_state
 
@@ -46,13 +46,14 @@ async def get_model(model: str, request: Request) -> Response:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     """Generate the assistant's next message."""
     st = api_state(request)
-    gen = await open_generation(st.runtime.router, body.to_generation(), request.receive, st.metrics)
+    req = body.to_generation()
+    if req.tools:
+        require_tools(st.runtime.router, req.model)
+    gen = await open_generation(st.runtime.router, req, request.receive, st.metrics)
     if body.stream:
         fmt = wire.OpenAIStream("chat", body.model, body.include_usage)
         return StreamingResponse(_sse(gen, fmt), media_type="text/event-stream", headers=SSE_HEADERS)
-    text, fin = await gen.collect(request.receive)
-    return JSONResponse(wire.chat_completion(body.model, text, fin.finish_reason, fin.prompt_tokens,
-                                             fin.completion_tokens))
+    return JSONResponse(wire.chat_completion(body.model, await gen.collect(request.receive)))
 
 
 @router.post("/v1/completions", summary="Text completion (streaming or not)")
@@ -63,9 +64,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if body.stream:
         fmt = wire.OpenAIStream("completion", body.model, body.include_usage)
         return StreamingResponse(_sse(gen, fmt), media_type="text/event-stream", headers=SSE_HEADERS)
-    text, fin = await gen.collect(request.receive)
-    return JSONResponse(wire.text_completion(body.model, text, fin.finish_reason, fin.prompt_tokens,
-                                             fin.completion_tokens))
+    return JSONResponse(wire.text_completion(body.model, await gen.collect(request.receive)))
 
 
 async def _sse(gen: Generation, fmt: wire.OpenAIStream) -> AsyncIterator[bytes]:
@@ -76,7 +75,10 @@ async def _sse(gen: Generation, fmt: wire.OpenAIStream) -> AsyncIterator[bytes]:
     try:
         async for event in gen.rest():
             if type(event) is TokenChunk:
-                yield token(event.text)
+                if event.reasoning or event.tool_calls or event.logprobs:
+                    yield fmt.delta(event)
+                else:
+                    yield token(event.text)
             elif isinstance(event, Finished):
                 yield fmt.end(event.finish_reason, event.prompt_tokens, event.completion_tokens)
     except UpstreamError as e:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import __version__
+from ..serving.types import TokenChunk
 
 FINGERPRINT = f"hearth-{__version__}"
 DONE = b"data: [DONE]\n\n"
@@ -31,7 +32,7 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
 
 def finish_reason(reason: str) -> str:
     """'cancelled' only reaches a client that is gone; anything else OpenAI does not know is 'stop'."""
-    return reason if reason in ("stop", "length") else "stop"
+    return reason if reason in ("stop", "length", "tool_calls") else "stop"
 
 
 class OpenAIStream:
@@ -67,6 +68,23 @@ class OpenAIStream:
         """One chunk carrying *text*: the hot path."""
         return self._prefix + _dumps(text).encode() + self._suffix
 
+    def delta(self, chunk: TokenChunk) -> bytes:
+        """A chunk with more than text: thoughts, tool-call deltas, logprobs (the rare path)."""
+        if not self.chat:
+            logprobs = chunk.logprobs[0].get("completion") if chunk.logprobs else None
+            body = f'{{"text":{_dumps(chunk.text)},"index":0,"logprobs":{_dumps(logprobs)},"finish_reason":null}}]'
+            return (self._head + body + self._tail_usage + "}\n\n").encode()
+        delta: dict[str, Any] = {}
+        if chunk.text:
+            delta["content"] = chunk.text
+        if chunk.reasoning:
+            delta["reasoning_content"] = chunk.reasoning
+        if chunk.tool_calls:
+            delta["tool_calls"] = [_tool_call_delta(c) for c in chunk.tool_calls]
+        logprobs = {"content": list(chunk.logprobs)} if chunk.logprobs else None
+        body = f'{{"index":0,"delta":{_dumps(delta)},"logprobs":{_dumps(logprobs)},"finish_reason":null}}]'
+        return (self._head + body + self._tail_usage + "}\n\n").encode()
+
     def end(self, reason: str, prompt_tokens: int, completion_tokens: int) -> bytes:
         """The finishing chunk, the usage chunk when asked for, and [DONE]."""
         reason = finish_reason(reason)
@@ -85,24 +103,51 @@ class OpenAIStream:
         return b"data: " + _dumps(body).encode() + b"\n\n"
 
 
-def chat_completion(model: str, text: str, reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """A whole (non-streamed) chat completion."""
+def _tool_call_delta(call: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"index": int(call.get("index", 0))}
+    if call.get("id"):
+        out["id"] = call["id"]
+        out["type"] = "function"
+    fn = call.get("function") or {}
+    out["function"] = {k: fn[k] for k in ("name", "arguments") if fn.get(k) is not None}
+    return out
+
+
+def chat_completion(model: str, answer: Any) -> dict[str, Any]:
+    """A whole (non-streamed) chat completion from an api.generation.Answer."""
+    fin = answer.finished
+    message: dict[str, Any] = {"role": "assistant", "content": answer.text if answer.text or not answer.calls else None,
+                               "refusal": None}
+    if answer.reasoning:
+        message["reasoning_content"] = answer.reasoning
+    if answer.calls:
+        message["tool_calls"] = answer.tool_calls
     return {
         "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
         "system_fingerprint": FINGERPRINT,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                     "logprobs": None, "finish_reason": finish_reason(reason)}],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "choices": [{"index": 0, "message": message,
+                     "logprobs": {"content": answer.logprobs} if answer.logprobs else None,
+                     "finish_reason": finish_reason(fin.finish_reason)}],
+        "usage": usage(fin.prompt_tokens, fin.completion_tokens),
     }
 
 
-def text_completion(model: str, text: str, reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """A whole (non-streamed) text completion."""
+def text_completion(model: str, answer: Any) -> dict[str, Any]:
+    """A whole (non-streamed) text completion from an api.generation.Answer."""
+    fin = answer.finished
+    logprobs = None
+    if answer.logprobs:
+        merged: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for part in answer.logprobs:
+            for key in merged:
+                merged[key].extend((part.get("completion") or {}).get(key) or [])
+        logprobs = merged
     return {
         "id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
         "system_fingerprint": FINGERPRINT,
-        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason(reason)}],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "choices": [{"text": answer.text, "index": 0, "logprobs": logprobs,
+                     "finish_reason": finish_reason(fin.finish_reason)}],
+        "usage": usage(fin.prompt_tokens, fin.completion_tokens),
     }
 
 
@@ -128,19 +173,56 @@ class OllamaStream:
         """One line carrying *text*."""
         return (self._head + now_rfc3339() + self._mid + _dumps(text) + self._tail).encode()
 
+    def token_with_logprobs(self, text: str, logprobs: list[dict[str, Any]]) -> bytes:
+        """One line carrying *text* and its tokens' logprobs (Ollama's form: token, logprob, top_logprobs)."""
+        lp = _dumps([ollama_logprob(x) for x in logprobs])
+        if self.chat:
+            return (self._head + now_rfc3339() + self._mid + _dumps(text) + '},"logprobs":' + lp
+                    + ',"done":false}\n').encode()
+        return (self._head + now_rfc3339() + self._mid + _dumps(text) + ',"logprobs":' + lp + ',"done":false}\n').encode()
+
+    def thinking(self, text: str) -> bytes:
+        """One line carrying a piece of the model's thoughts (chat with think)."""
+        if not self.chat:
+            return (self._head + now_rfc3339() + '","response":"","thinking":' + _dumps(text) + ',"done":false}\n').encode()
+        return (self._head + now_rfc3339() + '","message":{"role":"assistant","content":"","thinking":' + _dumps(text)
+                + '},"done":false}\n').encode()
+
+    def tool_calls(self, calls: list[dict[str, Any]]) -> bytes:
+        """One line carrying the answer's complete tool calls (Ollama streams them whole)."""
+        return (self._head + now_rfc3339() + '","message":{"role":"assistant","content":"","tool_calls":'
+                + _dumps(calls) + '},"done":false}\n').encode()
+
     def end(self, reason: str, timings: dict[str, int]) -> bytes:
         """The final line with done_reason and Ollama's counts and durations (nanoseconds)."""
         return (_dumps(ollama_final(self.chat, self.model, "", reason, timings), separators=(",", ":")) + "\n").encode()
 
 
-def ollama_final(chat: bool, model: str, text: str, reason: str, timings: dict[str, int]) -> dict[str, Any]:
+def ollama_logprob(x: dict[str, Any]) -> dict[str, Any]:
+    """One OpenAI-style token logprob as Ollama's."""
+    return {"token": x.get("token", ""), "logprob": x.get("logprob", 0.0),
+            "top_logprobs": [{"token": t.get("token", ""), "logprob": t.get("logprob", 0.0)}
+                             for t in x.get("top_logprobs") or ()]}
+
+
+def ollama_final(chat: bool, model: str, text: str, reason: str, timings: dict[str, int], thinking: str = "",
+                 tool_calls: list[dict[str, Any]] | None = None,
+                 logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The final (or only, with stream:false) Ollama object."""
     out: dict[str, Any] = {"model": model, "created_at": now_rfc3339()}
     if chat:
         out["message"] = {"role": "assistant", "content": text}
+        if thinking:
+            out["message"]["thinking"] = thinking
+        if tool_calls:
+            out["message"]["tool_calls"] = tool_calls
     else:
         out["response"] = text
+        if thinking:
+            out["thinking"] = thinking
+    if logprobs:
+        out["logprobs"] = [ollama_logprob(x) for x in logprobs]
     out["done"] = True
-    out["done_reason"] = finish_reason(reason)
+    out["done_reason"] = "stop" if reason == "tool_calls" else finish_reason(reason)
     out.update(timings)
     return out

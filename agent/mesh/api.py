@@ -191,7 +191,9 @@ async def _stream(mesh: MeshService, ups: list[Any], req: GenerationRequest) -> 
                         yield _WORKING
                     elif isinstance(ev, TokenChunk):
                         got = True
-                        yield json.dumps({"type": "token", "text": ev.text}).encode() + b"\n"
+                        extra = ev.to_json()
+                        extra.pop("t")
+                        yield json.dumps({"type": "token", "text": ev.text, **extra}).encode() + b"\n"
                     elif isinstance(ev, Finished):
                         yield json.dumps({"type": "finished", "finish_reason": ev.finish_reason,
                                           "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,

@@ -122,7 +122,7 @@ class PeerUpstream:
                     kind = ev.get("type")
                     if kind == "token":
                         got_token = True
-                        yield TokenChunk(ev["text"])
+                        yield TokenChunk.from_json({**ev, "t": ev["text"]})
                     elif kind == "finished":
                         yield Finished(ev.get("finish_reason", "stop"), int(ev.get("prompt_tokens", 0)),
                                        int(ev.get("completion_tokens", 0)), served_by=ev.get("served_by") or self.node)

@@ -1,1 +1,2 @@
-"""Serving: model workers (one process per model), upstreams and the router the API streams through."""
+"""Serving: each model's llama-server (llamaserver), this node's models as upstreams (local), and the
+router the API streams through, to a local model or a peer alike."""

@@ -36,7 +36,23 @@ class GenerationRequest:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     stop: tuple[str, ...] = ()
+    tools: tuple[dict[str, Any], ...] = ()
+    """OpenAI-style tool definitions ({"type": "function", "function": {...}}), chat only."""
+    tool_choice: Any = None
+    """'auto', 'none', 'required' or {"type": "function", "function": {"name": ...}}; None means auto."""
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    """OpenAI's response_format (json_object, or json_schema with a schema): grammar-constrained output."""
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    think: bool | None = None
+    """A thinking model thinks (True), answers at once (False), or does what its template does (None)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More llama-server sampling fields, as they are (typical_p, repeat_last_n, mirostat*, n_keep,
+    logit_bias), and num_ctx: a cap on prompt + answer (Ollama's per-request context)."""
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     hops: int = 0
     """How many mesh hops this request has taken (a peer never forwards a request again)."""
@@ -46,6 +62,7 @@ class GenerationRequest:
         d = dataclasses.asdict(self)
         d["messages"] = list(self.messages)
         d["stop"] = list(self.stop)
+        d["tools"] = list(self.tools)
         return d
 
     @classmethod
@@ -55,21 +72,44 @@ class GenerationRequest:
         kw = {k: v for k, v in data.items() if k in names}
         kw["messages"] = tuple(kw.get("messages") or ())
         kw["stop"] = tuple(kw.get("stop") or ())
+        kw["tools"] = tuple(kw.get("tools") or ())
         return cls(**kw)
 
 
 @dataclass(frozen=True)
 class TokenChunk:
-    """A piece of generated text (whole UTF-8 characters only)."""
+    """A piece of the answer: text (whole UTF-8 characters only), and where the model gives them, thoughts,
+    tool-call deltas (OpenAI's streamed form: index, id, function name, a piece of the arguments) and
+    logprobs."""
 
     text: str
+    reasoning: str = ""
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    logprobs: tuple[dict[str, Any], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data for the mesh: only the parts present."""
+        d: dict[str, Any] = {"t": self.text}
+        if self.reasoning:
+            d["r"] = self.reasoning
+        if self.tool_calls:
+            d["c"] = list(self.tool_calls)
+        if self.logprobs:
+            d["lp"] = list(self.logprobs)
+        return d
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TokenChunk:
+        """The inverse of to_json."""
+        return cls(str(data.get("t", "")), str(data.get("r", "")), tuple(data.get("c") or ()),
+                   tuple(data.get("lp") or ()))
 
 
 @dataclass(frozen=True)
 class Finished:
     """The end of a generation: why it stopped and the usage counts."""
 
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: Literal["stop", "length", "tool_calls", "cancelled"]
     prompt_tokens: int
     completion_tokens: int
     served_by: str = ""
@@ -163,6 +203,12 @@ class ModelInfo:
     can_embed: bool = False
     family: str = ""
     quantization: str = ""
+    tools: bool = False
+    """The model's template can call tools."""
+    slots: int = 1
+    """Requests it generates at once (continuous batching)."""
+    pool: tuple[str, ...] = ()
+    """Members, when the model runs across several nodes."""
 
 
 class Router(Protocol):

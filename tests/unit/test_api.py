@@ -179,7 +179,12 @@ BAD = [
     ("/v1/chat/completions", {**CHAT, "model": "nope"}, 404, "model 'nope' is not served", "model"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}, 400,
      "longer than the model's context", None),
-    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400, "not supported", "response_format"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}}, 400, "response_format", "response_format.type"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, 400, "needs json_schema.schema",
+     "response_format"),
+    ("/v1/chat/completions", {**CHAT, "audio": {"voice": "alloy"}}, 400, "not supported", "audio"),
+    ("/v1/chat/completions", {**CHAT, "bogus_field": 1}, 400, "bogus_field", "bogus_field"),
+
     ("/v1/completions", {"model": "fake", "prompt": "p", "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
     ("/v1/completions", {"model": "fake", "prompt": ["a", "b"]}, 400, "prompt", "prompt"),
     ("/v1/completions", {"model": "fake", "prompt": "p", "stream": "sometimes"}, 400, "stream", "stream"),
@@ -208,6 +213,13 @@ async def test_bad_input_is_4xx_with_message(client: httpx.AsyncClient, path: st
 async def test_ollama_errors_are_ollama_shaped(client: httpx.AsyncClient) -> None:
     r = await client.post("/api/chat", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404 and "nope" in r.json()["error"]
+    one = [{"role": "user", "content": "x"}]
+    r = await client.post("/api/chat", json={"model": "fake", "messages": one, "options": {"num_gpu": 1}})
+    assert r.status_code == 400 and "options.num_gpu" in r.json()["error"] and "profile" in r.json()["error"]
+    r = await client.post("/api/chat", json={"model": "fake", "messages": one, "keep_alive": 0})
+    assert r.status_code == 400 and "keep_alive" in r.json()["error"]
+    r = await client.post("/api/chat", json={"model": "fake", "messages": one, "bogus": 1})
+    assert r.status_code == 400 and "bogus" in r.json()["error"]
     r = await client.post("/api/generate", json={"model": "fake", "options": {"num_predict": "lots"}})
     assert r.status_code == 400 and "options.num_predict" in r.json()["error"]
 
