@@ -17,17 +17,28 @@ def needed(lib: Path) -> list[str]:
 
 
 def test_model_runtime_libraries_resolve(fs):
+    """Every library and program of the runtime finds what it links to in the image: its own lib/, or the
+    system's (libgomp, libstdc++, and libvulkan for the Vulkan backend); Mesa's drivers are there for it."""
     root = fs["root"]
-    site = next((root / "usr/lib/hearth/venv/lib").glob("python3*/site-packages"))
-    libs = [p for p in site.glob("llama_cpp/lib/*.so*")] + [p for p in site.glob("bin/libggml-cpu-*.so")]
-    assert libs, "llama-cpp-python's libraries are missing from the venv"
-    ours = {p.name for p in libs} | {p.name for p in (site / "llama_cpp/lib").glob("*")}
+    runtime = root / "usr/lib/hearth/runtime"
+    programs = [runtime / "bin" / p for p in ("llama-server", "rpc-server", "llama-bench")]
+    assert all(p.is_file() for p in programs), "the runtime's servers are missing from the image"
+    backends = sorted((runtime / "bin").glob("libggml-*.so"))
+    assert {"libggml-vulkan.so", "libggml-rpc.so", "libggml-cpu-x64.so"} <= {p.name for p in backends}
+    libs = sorted((runtime / "lib").glob("*.so*"))
+    ours = {p.name for p in libs}
     missing = set()
-    for lib in libs:
-        for soname in needed(lib):
+    for obj in programs + backends + libs:
+        for soname in needed(obj):
             if soname not in ours and not any((root / d / soname).exists() for d in LIB_DIRS):
-                missing.add(f"{soname} (for {lib.name})")
+                missing.add(f"{soname} (for {obj.name})")
     assert not missing, f"not in the image: {sorted(missing)}"
+    site = next((root / "usr/lib/hearth/venv/lib").glob("python3*/site-packages"))
+    assert (site / "llama_cpp/llama_cpp.py").is_file() and not list(site.glob("llama_cpp/lib/*.so*")), \
+        "llama-cpp-python must come without libraries of its own (it loads the runtime's)"
+    icds = [p.name for p in (root / "usr/share/vulkan/icd.d").glob("*.json")]
+    assert any(n.startswith("radeon") for n in icds) and any(n.startswith("intel") for n in icds), icds
+    assert any(n.startswith("lvp") for n in icds) and any(n.startswith("nouveau") for n in icds), icds
 
 
 def test_hearth_command_and_units(fs):
