@@ -309,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         # Length: a 512-token stream against a 64-token one, through Hearth (EOS held off by logit_bias).
         long = measure(lambda: hearth_stream(PROMPT.format(n="long"), 512, **nostop))
         short = measure(lambda: hearth_stream(PROMPT.format(n="short"), 64, **nostop))
+        # The same lengths straight to llama-server: how much of the growth is llama.cpp's own attention.
+        cpp_long = measure(lambda: sse_stream(cpp_client, "/v1/completions", {
+            **body, "max_tokens": 512, "prompt": PROMPT.format(n="long"), **nostop}))
+        cpp_short = measure(lambda: sse_stream(cpp_client, "/v1/completions", {
+            **body, "max_tokens": 64, "prompt": PROMPT.format(n="short"), **nostop}))
 
     def med(name: str, key: str) -> float:
         return statistics.median(x[key] for x in results[name]) if results.get(name) else float("nan")
@@ -344,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "parallel_ttft_last_over_first": round(statistics.median(r["ttft_last_ms"] / r["ttft_first_ms"]
                                                                  for r in par["hearth"]), 2),
         "long_over_short": round(long["ms_per_token"] / short["ms_per_token"], 4),
+        "llama_server_long_over_short": round(cpp_long["ms_per_token"] / cpp_short["ms_per_token"], 4),
         "load_average": round(os.getloadavg()[0], 2),
     }
     print(f"medians over {args.rounds} rounds of {args.tokens} tokens, {args.threads} threads:")
