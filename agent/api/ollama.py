@@ -85,6 +85,14 @@ async def ps(request: Request) -> Response:
     return JSONResponse({"models": out})
 
 
+def _named(body: OllamaShowRequest | OllamaPullRequest) -> str:
+    """The model a show or pull asks about: 'model', or the older 'name' (Ollama accepts both)."""
+    name = ollama_model(body.model or body.name or "")
+    if not name:
+        raise ApiError(400, "'model' is required", param="model")
+    return name
+
+
 def _local_facts(st: Any) -> dict[str, dict[str, Any]]:
     """Each local model's facts as its server reported them (offload, template caps), by name."""
     health = st.runtime.health()
@@ -95,9 +103,7 @@ def _local_facts(st: Any) -> dict[str, dict[str, Any]]:
 async def show(body: OllamaShowRequest, request: Request) -> Response:
     """Context length, family, quantization and what the model can do (completion, tools, embedding)."""
     st = api_state(request)
-    wanted = ollama_model(body.model or body.name or "")
-    if not wanted:
-        raise ApiError(400, "'model' is required", param="model")
+    wanted = _named(body)
     m = next((m for m in st.runtime.router.models() if m.name == wanted), None)
     if m is None:
         raise ApiError(404, f"model '{wanted}' not found", param="model", code="model_not_found")
@@ -141,9 +147,7 @@ async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
 async def pull(body: OllamaPullRequest, request: Request) -> Response:
     """Streams Ollama's progress lines (status, total, completed) and ends with success or an error."""
     st = api_state(request)
-    name = ollama_model(body.model or body.name or "")
-    if not name:
-        raise ApiError(400, "'model' is required", param="model")
+    name = _named(body)
     for field_name in ("insecure", "username", "password"):
         if getattr(body, field_name):
             raise ApiError(400, f"'{field_name}' is not supported: Hearth pulls from its catalogue's sources",

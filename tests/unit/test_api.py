@@ -306,3 +306,12 @@ async def test_metrics_counts_requests_and_tokens(client: httpx.AsyncClient) -> 
     assert 'hearth_api_generated_tokens_total{model="fake"} 4' in text
     assert 'hearth_api_time_to_first_token_seconds_count{model="fake"} 1' in text
     assert "hearth_queue_depth 0.0" in text
+
+
+async def test_ollama_show_and_pull_name_the_model(client: httpx.AsyncClient) -> None:
+    r = await client.post("/api/show", json={})
+    assert r.status_code == 400 and "'model' is required" in r.json()["error"]
+    r = await client.post("/api/show", json={"name": "nope:latest"})
+    assert r.status_code == 404 and "nope" in r.json()["error"]
+    r = await client.post("/api/pull", json={"model": "x", "insecure": True})
+    assert r.status_code == 400 and "insecure" in r.json()["error"]
