@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -242,14 +240,10 @@ def fallback_from_store(config: Config, report: Any) -> tuple[str, Path, dict[st
 
 
 def llama_devices_in_subprocess(timeout: float = 60.0) -> list[dict[str, Any]]:
-    """llama.cpp's devices, asked in a child process: GPU runtimes stay out of the agent, and a driver
-    that crashes while probing takes only the child down."""
-    code = "import json; from hearth import llamacpp; print(json.dumps(llamacpp.devices()))"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-    if run.returncode != 0:
-        lines = (run.stderr.strip() or f"exit status {run.returncode}").splitlines()
-        raise RuntimeError(lines[-1])
-    return list(json.loads(run.stdout.strip().splitlines()[-1]))
+    """llama.cpp's devices, asked in a child process (hearth.llamacpp.facts_in_subprocess)."""
+    from . import llamacpp
+
+    return list(llamacpp.facts_in_subprocess(timeout)["devices"])
 
 
 def probe_hardware() -> Any:

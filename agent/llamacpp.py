@@ -17,9 +17,11 @@ llama.cpp's chatter ("load_backend: ...") goes to this module's logger at debug 
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import re
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -237,3 +239,15 @@ def cpu_variant() -> str | None:
 def system_info() -> str:
     """llama.cpp's one-line summary of the CPU features it uses."""
     return bytes(load().llama_print_system_info()).decode(errors="replace").strip()
+
+
+def facts_in_subprocess(timeout: float = 60.0) -> dict[str, Any]:
+    """{"devices": devices(), "cpu_variant": cpu_variant()}, asked in a child process: GPU runtimes stay out
+    of the agent, and a driver that crashes while probing takes only the child down."""
+    code = ("import json; from hearth import llamacpp; "
+            "print(json.dumps({'devices': llamacpp.devices(), 'cpu_variant': llamacpp.cpu_variant()}))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    if run.returncode != 0:
+        lines = (run.stderr.strip() or f"exit status {run.returncode}").splitlines()
+        raise RuntimeMissing(lines[-1])
+    return dict(json.loads(run.stdout.strip().splitlines()[-1]))

@@ -315,8 +315,9 @@ class ServerProcess:
         from .. import llamacpp
 
         try:
-            devices = llamacpp.devices()
-            variant = llamacpp.cpu_variant()
+            # In a child, off the event loop: the agent never loads the GPU runtimes itself.
+            seen = await asyncio.to_thread(llamacpp.facts_in_subprocess)
+            devices, variant = list(seen["devices"]), seen.get("cpu_variant")
         except Exception:  # the agent's own view of the devices is a nicety, never a failure
             devices, variant = [], None
         used = [n for n in self._buffers if not n.upper().startswith("CPU")]
