@@ -302,7 +302,9 @@ class EmbeddingRequest(_Body):
     user: str | None = None
 
     def inputs(self) -> list[str]:
-        """The texts to embed."""
+        """The texts to embed (user is recorded in the agent's log, as for generations)."""
+        if self.user:
+            log.info("embeddings for %s from user %r", self.model, self.user)
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
@@ -404,6 +406,13 @@ class OllamaMessage(_Body):
 KeepAlive = str | int | float | None
 
 
+def _check_keep_alive(value: KeepAlive) -> None:
+    """keep_alive asks a model to stay loaded at least that long, which Hearth always does; 0 (unload now) not."""
+    if value in (0, "0", "0s", "0m"):
+        raise ApiError(400, "keep_alive 0 (unload now) is not supported: a Hearth node keeps its models loaded",
+                       param="keep_alive")
+
+
 class _OllamaBase(_Body):
     model: ModelName
     stream: bool = True
@@ -416,9 +425,7 @@ class _OllamaBase(_Body):
     top_logprobs: TopLogprobs | None = None
 
     def _checked(self) -> dict[str, Any]:
-        if self.keep_alive in (0, "0", "0s", "0m"):
-            raise ApiError(400, "keep_alive 0 (unload now) is not supported: a Hearth node keeps its models loaded",
-                           param="keep_alive")
+        _check_keep_alive(self.keep_alive)
         opts = (self.options or OllamaOptions()).common()
         fmt: dict[str, Any] | None = None
         if self.format == "json":
@@ -485,6 +492,7 @@ class OllamaEmbedRequest(_Body):
         """The texts to embed."""
         if self.truncate:
             raise ApiError(400, "truncate: true is not supported: shorten the input", param="truncate")
+        _check_keep_alive(self.keep_alive)
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
@@ -493,7 +501,8 @@ class OllamaShowRequest(_Body):
 
     model: ModelName | None = None
     name: ModelName | None = None
-    verbose: bool | None = None
+    verbose: Literal[False] | None = None
+    """Only the short form is served (no tokenizer tables): verbose true is a 400."""
 
 
 class OllamaPullRequest(_Body):

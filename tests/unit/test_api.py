@@ -315,3 +315,7 @@ async def test_ollama_show_and_pull_name_the_model(client: httpx.AsyncClient) ->
     assert r.status_code == 404 and "nope" in r.json()["error"]
     r = await client.post("/api/pull", json={"model": "x", "insecure": True})
     assert r.status_code == 400 and "insecure" in r.json()["error"]
+    r = await client.post("/api/show", json={"model": "fake", "verbose": True})
+    assert r.status_code == 400 and "verbose" in r.json()["error"]
+    r = await client.post("/api/embed", json={"model": "fake", "input": "x", "keep_alive": 0})
+    assert r.status_code == 400 and "keep_alive" in r.json()["error"]
