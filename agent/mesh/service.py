@@ -26,6 +26,7 @@ from ..serving.types import Upstream
 from . import household as household_mod
 from . import identity as identity_mod
 from .auth import Verifier, derive_key
+from .channel import Channel
 from .client import MeshClient, PeerRefused
 from .discovery import Candidate, Discovery, local_addresses
 from .peers import Peer, PeerUpstream
@@ -96,7 +97,10 @@ class MeshService:
         self.name = config.node.name or self.identity.default_name
         self.node = self.identity.node_id
         self.api_port = config.api.port
+        self.mesh_port = config.mesh.port
         self.verifier = Verifier(derive_key(hh.secret))
+        self.channel = Channel(self.identity, hh, host=config.api.host, port=config.mesh.port)
+        """This node's end of the household channel (mutual TLS): node-to-node requests and tunnels."""
         self.interfaces = interfaces
         self._local_upstreams = local_upstreams
         self.client: MeshClient | None = None
@@ -112,7 +116,8 @@ class MeshService:
     # --- lifecycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Announce this node, browse for peers and poll the manual ones."""
+        """Open the household channel, announce this node, browse for peers and poll the manual ones."""
+        await self.channel.start()
         self.client = MeshClient(self.identity, self.household.secret, self.name, self.api_port)
         # Each peer is polled every second: httpx's per-request INFO lines would flood the journal.
         logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -186,6 +191,7 @@ class MeshService:
         if self.client is not None:
             await self.client.aclose()
             self.client = None
+        await self.channel.stop()
 
     # --- candidates --------------------------------------------------------------------------------------
 
@@ -299,6 +305,8 @@ class MeshService:
                     fingerprint=ans.fingerprint)
         cand.peer = peer
         self.peers[peer.node] = peer
+        mesh_port = state.get("mesh_port")
+        self.channel.add_peer(peer.node, cand.host, mesh_port if isinstance(mesh_port, int) else self.mesh_port)
         log.info("mesh: peer %s (%s) at %s joined via %s", peer.name, peer.node, cand.url, cand.source)
         self._update(cand, state)
         return POLL_S
@@ -332,6 +340,7 @@ class MeshService:
         cand.peer = None
         if self.peers.get(peer.node) is peer:
             del self.peers[peer.node]
+            self.channel.remove_peer(peer.node)
 
     def upstreams(self) -> list[PeerUpstream]:
         """Every proven, live peer's models as upstreams: the router asks this on each request."""
@@ -374,7 +383,7 @@ class MeshService:
                            "tokens_per_second": load.tokens_per_second})
         files = [{"name": m.name, "file": m.file, "size": m.size} for m in self.stored_models()]
         return {"node": self.node, "name": self.name, "version": hearth_version, "protocol": 1,
-                "api_port": self.api_port, "models": models, "files": files, "queued": queued,
+                "api_port": self.api_port, "mesh_port": self.channel.port, "models": models, "files": files, "queued": queued,
                 "capacity": capacity, "uptime_s": round(time.time() - self.started_at, 1),
                 "peers": sorted(p.url for p in self.peers.values() if p.alive)}
 
