@@ -22,6 +22,7 @@ import yaml
 
 from .errors import ConfigError
 from .fsutil import atomic_write
+from .mesh import DEFAULT_PORT as MESH_DEFAULT_PORT
 
 DEFAULT_PATH = Path("/etc/hearth/hearth.yaml")
 """Where the agent and the CLI read the node's configuration unless told otherwise."""
@@ -204,7 +205,7 @@ class MeshSettings:
     """The household mesh."""
 
     enabled: bool = setting(True, "Join the household mesh (needs a household secret).")
-    port: int = setting(8081, "TCP port of the household channel (mutual TLS 1.3): all node-to-node traffic.",
+    port: int = setting(MESH_DEFAULT_PORT, "TCP port of the household channel (mutual TLS 1.3): all node-to-node traffic.",
                         check_port)
     discovery: bool = setting(True, "Find peers with DNS-SD over mDNS (_hearth._tcp).")
     peers: tuple[str, ...] = setting((), "Manual peers (host or IP[:mesh port]) for networks that drop multicast.",

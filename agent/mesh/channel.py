@@ -137,6 +137,8 @@ class _LineReader(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
+        self.raw = b""
+        """Everything received, first line included (an HTTP connection hands all of it to the app)."""
         self.line: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -144,6 +146,7 @@ class _LineReader(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        self.raw += data
         if not self.line.done():
             head, sep, rest = self.buffer.partition(b"\n")
             if sep:
@@ -412,8 +415,8 @@ class Channel:
             http = config.http_protocol_class(config=config, server_state=state, app_state={})
             tls.set_protocol(http)
             http.connection_made(tls)
-            if holder.buffer:
-                http.data_received(holder.buffer)
+            if holder.raw:
+                http.data_received(holder.raw)
             tls.resume_reading()
             return
         if alpn != ALPN_TUNNEL:
@@ -459,8 +462,8 @@ class Channel:
         await asyncio.gather(remote.closed, local.closed)
         self._tunnels.difference_update((remote, local))
 
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Stop listening, cut tunnels and forwards, and let HTTP requests finish within *timeout*."""
+    async def stop(self, timeout: float = 1.5) -> None:
+        """Stop listening, cut tunnels and forwards, and let HTTP requests in flight finish within *timeout*."""
         if self._server is not None:
             self._server.close()
         for fwd in list(self._forwards):
@@ -472,10 +475,11 @@ class Channel:
             for conn in list(state.connections):
                 conn.shutdown()
             deadline = time.monotonic() + timeout
-            while (state.connections or state.tasks) and time.monotonic() < deadline:
+            while state.tasks and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             for task in list(state.tasks):
                 task.cancel()
+            # A TLS close waits for the peer's close_notify (up to 30 s): nothing is left to say, so cut.
             for conn in list(state.connections):
                 conn.transport.abort()
         for task in list(self._tasks):
