@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -315,7 +316,13 @@ class ServerUpstream:
         finally:
             self._queued -= 1
         if r.status_code != 200:
-            raise _refusal(self.model, r.status_code, r.content)
+            err = _refusal(self.model, r.status_code, r.content)
+            if re.search(r"too large|context|exceed", err.message):
+                # llama-server answers 500 for an input longer than it reads at once: the input's fault.
+                raise UpstreamError(f"an input is too long for model '{self.model}': {err.message}", status=400,
+                                    param="input", hint=f"inputs must fit the model's {self.worker.info.get('context_length', '?')}-token "
+                                    "context: shorten or split them")
+            raise err
         data = r.json()
         vectors = [d["embedding"] for d in sorted(data["data"], key=lambda d: d["index"])]
         return vectors, int((data.get("usage") or {}).get("prompt_tokens") or 0)
