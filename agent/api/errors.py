@@ -40,7 +40,8 @@ class ApiError(Exception):
         status = e.status if 400 <= e.status <= 599 else 503
         message = f"{e.message} ({e.hint})" if e.hint else e.message
         code = "model_not_found" if isinstance(e, ModelNotFound) else None
-        return cls(status, message, param="model" if code else None, code=code, retry_after=e.retry_after)
+        param = "model" if code else getattr(e, "param", None)
+        return cls(status, message, param=param, code=code, retry_after=e.retry_after)
 
     def headers(self) -> dict[str, str]:
         """Retry-After (whole seconds, at least 1) for 429/503 answers that know when to retry."""

@@ -181,6 +181,7 @@ async def open_generation(router: Router, request: GenerationRequest, receive: R
                           metrics: ApiMetrics) -> Generation:
     """Start *request* and wait for its first event; refusals become ApiError, a hang-up ClientGone."""
     started = time.perf_counter()
+    require_generation(router, request.model)
     events = router.generate(request)
     try:
         async with cancel_on_disconnect(receive):
@@ -199,6 +200,14 @@ async def open_generation(router: Router, request: GenerationRequest, receive: R
         raise
     metrics.first_token(request.model, time.perf_counter() - started)
     return Generation(request, first, events, started, metrics)
+
+
+def require_generation(router: Router, model: str) -> None:
+    """A 400 for a chat or completion sent to an embedding model (its server only embeds)."""
+    for info in router.models():
+        if info.name == model and info.can_embed:
+            raise ApiError(400, f"model '{model}' is an embedding model: it makes embeddings (/v1/embeddings, "
+                           "/api/embed), not chats or completions", param="model")
 
 
 def require_tools(router: Router, model: str) -> None:

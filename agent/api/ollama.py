@@ -138,7 +138,8 @@ async def embed(body: OllamaEmbedRequest, request: Request) -> Response:
     except UpstreamError as e:
         raise ApiError.from_upstream(e) from None
     if body.dimensions is not None and vectors and body.dimensions != len(vectors[0]):
-        raise ApiError(400, f"model '{model}' makes {len(vectors[0])}-dimensional embeddings", param="dimensions")
+        raise ApiError(400, f"model '{model}' makes {len(vectors[0])}-dimensional embeddings; dimensions="
+                       f"{body.dimensions} is not supported", param="dimensions")
     return JSONResponse({"model": body.model, "embeddings": vectors, "prompt_eval_count": prompt_tokens,
                          "total_duration": time.perf_counter_ns() - began, "load_duration": 0})
 

@@ -104,6 +104,8 @@ class ChatMessage(_Body):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
+    reasoning_content: str | None = None
+    """An assistant's earlier thoughts (llama.cpp's and DeepSeek's field), given back to the model's template."""
     audio: Any = None
     function_call: Any = None
 
@@ -472,7 +474,10 @@ class OllamaGenerateRequest(_OllamaBase):
         _refuse("context", self.context or None)
         _refuse("template", self.template or None)
         common = self._checked()
-        common.pop("think")
+        if common.pop("think"):
+            # The prompt goes to the model as it is, with no template that could open a thinking block.
+            raise ApiError(400, "think is not supported on /api/generate (the prompt is sent raw, with no "
+                           "template); use /api/chat", param="think")
         prompt = f"{self.system}\n\n{self.prompt}" if self.system else self.prompt
         return GenerationRequest(model=ollama_model(self.model), kind="completion", prompt=prompt, **common)
 
@@ -576,6 +581,8 @@ def _message(index: int, m: ChatMessage) -> dict[str, Any]:
                        param=f"messages.{index}.role")
     # Chat templates know system/user/assistant/tool; OpenAI's newer 'developer' role is a system message.
     out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
+    if m.reasoning_content and m.role == "assistant":
+        out["reasoning_content"] = m.reasoning_content
     if m.tool_calls:
         out["tool_calls"] = [c.model_dump() for c in m.tool_calls]
     if m.tool_call_id:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
+import re
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,36 +35,42 @@ from .types import (
     UpstreamLoad,
 )
 
+log = logging.getLogger(__name__)
+
+_TRIGGER_WORD = 1
+"""COMMON_GRAMMAR_TRIGGER_TYPE_WORD in llama.cpp's common/common.h: a trigger that is literal text."""
+
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
 
 
-def forced_tool_schema(request: GenerationRequest) -> dict[str, Any] | None:
-    """For tool_choice 'required' or a named function: the JSON schema of the call(s) the answer must be.
-
-    llama-server's own grammar for 'required' still lets the model write text before its call (it only
-    requires a call somewhere), and a base model can spend its whole budget on that text. Constraining the
-    answer to ``{"name": ..., "arguments": <that tool's parameters>}`` (an array of them with
-    parallel_tool_calls) makes the call certain; the server still renders the tools with the template."""
-    choice = request.tool_choice
-    if not request.tools or not (choice == "required" or isinstance(choice, dict)):
-        return None
-    wanted = choice["function"]["name"] if isinstance(choice, dict) else None
-    options = []
-    for tool in request.tools:
-        fn = tool.get("function") or {}
-        if wanted is not None and fn.get("name") != wanted:
-            continue
-        params = fn.get("parameters") or {"type": "object"}
-        options.append({"type": "object", "properties": {"name": {"const": fn.get("name")}, "arguments": params},
-                        "required": ["name", "arguments"], "additionalProperties": False})
-    one: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
-    if request.parallel_tool_calls:
-        return {"type": "array", "items": one, "minItems": 1}
-    return one
+PROBE_TOOL = {"type": "function", "function": {"name": "probe", "description": "A probe",
+                                               "parameters": {"type": "object", "properties": {}}}}
+"""A tool for asking llama-server how this model's template opens a tool call (see ServerUpstream.call_opener)."""
 
 
-def server_body(request: GenerationRequest) -> tuple[str, dict[str, Any]]:
-    """The llama-server endpoint and body for *request*: every field Hearth accepted, explicitly."""
+def forces_call(request: GenerationRequest) -> bool:
+    """tool_choice 'required' or a named function: the answer must be a tool call."""
+    return bool(request.tools) and (request.tool_choice == "required" or isinstance(request.tool_choice, dict))
+
+
+def one_call(request: GenerationRequest) -> bool:
+    """At most one tool call: parallel_tool_calls false, or a forced call unless parallel_tool_calls is true
+    (a forced call must come, and one is what was asked for; a base model would otherwise repeat it)."""
+    return request.parallel_tool_calls is False or (forces_call(request) and request.parallel_tool_calls is not True)
+
+
+def server_body(request: GenerationRequest, call_opener: str = "") -> tuple[str, dict[str, Any]]:
+    """The llama-server endpoint and body for *request*: every field Hearth accepted, explicitly.
+
+    A call that must be made (``forces_call``) is left to llama.cpp, which writes it in the model family's own
+    syntax through the template's tool-call grammar and parses it back: a named function becomes 'required'
+    over that one tool (llama-server knows only auto/none/required). llama.cpp's 'required' grammar still lets
+    the model write text before the call, and a base model can spend its whole budget there, so the answer
+    is begun with *call_opener*, the text that opens a call in this template (``ServerUpstream.call_opener``),
+    as a prefilled assistant turn: from there the grammar allows nothing but the call. Where each call opens
+    with its own marker (Qwen's and Hermes' ``<tool_call>``), llama.cpp's grammar allows more calls even with
+    parallel_tool_calls false; the marker is then a stop string, so the answer ends where a second call
+    would begin."""
     body: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}}
     for name in _SAMPLING:
         value = getattr(request, name)
@@ -92,15 +99,20 @@ def server_body(request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         return "/v1/completions", body
     body["messages"] = list(request.messages)
     if request.tools:
-        body["tools"] = list(request.tools)
-        forced = forced_tool_schema(request)
-        if forced is not None:
-            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": forced}}
-        else:
-            if request.tool_choice is not None:
-                body["tool_choice"] = request.tool_choice
-            if request.parallel_tool_calls is not None:
-                body["parallel_tool_calls"] = request.parallel_tool_calls
+        tools, choice = list(request.tools), request.tool_choice
+        if isinstance(choice, dict):
+            wanted = choice["function"]["name"]
+            tools = [t for t in tools if (t.get("function") or {}).get("name") == wanted]
+            choice = "required"
+        body["tools"] = tools
+        if choice is not None:
+            body["tool_choice"] = choice
+        if request.parallel_tool_calls is not None or choice == "required":
+            body["parallel_tool_calls"] = not one_call(request)
+        if choice == "required" and call_opener:
+            body["messages"].append({"role": "assistant", "content": call_opener})
+            if one_call(request) and not call_opener.startswith("{"):
+                body["stop"] = [*body.get("stop", ()), call_opener.strip()]
     if request.think is not None:
         body["chat_template_kwargs"] = {"enable_thinking": bool(request.think)}
     return "/v1/chat/completions", body
@@ -124,6 +136,8 @@ class ServerUpstream:
         self.prompt_tokens = 0
         self.errors = 0
         self._client: httpx.AsyncClient | None = None
+        self._opener = ""
+        self._opener_pid: int | None = None
 
     def load(self) -> UpstreamLoad:
         """Queue length, capacity and measured speed, for routing."""
@@ -200,13 +214,14 @@ class ServerUpstream:
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[Event]:
         self.requests += 1
-        path, body = server_body(request)
-        forced = forced_tool_schema(request) is not None
-        held: list[str] = []
+        opener = await self.call_opener() if forces_call(request) else ""
+        path, body = server_body(request, opener)
         num_ctx = request.extra.get("num_ctx")
         if num_ctx and num_ctx < int(self.worker.info.get("context_length") or 0):
             await self._capped(path, body, int(num_ctx))
         chat = request.kind == "chat"
+        # llama.cpp's grammar allows a second call after the first in some formats (see server_body).
+        single = one_call(request)
         first = 0.0
         pieces = 0
         reason = "stop"
@@ -229,11 +244,10 @@ class ServerUpstream:
                         usage = chunk["usage"]
                     for choice in chunk.get("choices") or ():
                         event = _event(choice, chat)
+                        if single and event is not None and event.tool_calls:
+                            event = _first_call_only(event)
                         if choice.get("finish_reason"):
                             reason = choice["finish_reason"]
-                        if event is not None and forced:
-                            held.append(event.text)  # the call's JSON: sent whole once it is complete
-                            continue
                         if event is not None:
                             if not pieces:
                                 first = time.perf_counter()
@@ -252,15 +266,31 @@ class ServerUpstream:
                                 before_first_token=pieces == 0) from None
         n_prompt = int(usage.get("prompt_tokens") or 0)
         n_done = int(usage.get("completion_tokens") or 0)
-        if forced:
-            calls = _forced_calls("".join(held))
-            if calls:
-                reason = "tool_calls"
-                yield TokenChunk("", tool_calls=calls)
-            elif held:
-                yield TokenChunk("".join(held))  # cut off before the call was complete: say what came
         self._account(n_prompt, n_done, first)
         yield Finished(_finish(reason), n_prompt, n_done, served_by="local")
+
+    async def call_opener(self) -> str:
+        """The text that opens a tool call in this model's template ('' when unknown), asked of llama.cpp once
+        per server: its template analysis makes the lazy tool-call grammar of tool_choice 'auto' wake on that
+        text (the grammar's trigger word), which a one-token request with ``verbose`` reports. A template
+        whose calls are bare JSON objects (Llama 3.x) has no trigger: its calls open with '{', which is where
+        llama.cpp's own parser looks for them too."""
+        pid = self.worker.pid
+        if pid is not None and pid == self._opener_pid:
+            return self._opener
+        body = {"messages": [{"role": "user", "content": "Hello"}], "tools": [PROBE_TOOL], "tool_choice": "auto",
+                "max_tokens": 1, "temperature": 0.0, "verbose": True}
+        try:
+            r = await self._http().post("/v1/chat/completions", json=body)
+            settings = r.json()["__verbose"]["generation_settings"]
+            words = [t.get("value") for t in settings.get("grammar_triggers") or () if t.get("type") == _TRIGGER_WORD]
+        except (httpx.HTTPError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("model %s: could not ask llama-server how a tool call opens (%s)", self.model, e)
+            return ""
+        self._opener = next((w for w in words if isinstance(w, str) and w and not w.startswith("{")), "{")
+        self._opener_pid = pid
+        log.info("model %s: a tool call opens with %r", self.model, self._opener)
+        return self._opener
 
     def _account(self, n_prompt: int, n_done: int, first: float) -> None:
         self.prompt_tokens += n_prompt
@@ -286,7 +316,13 @@ class ServerUpstream:
         finally:
             self._queued -= 1
         if r.status_code != 200:
-            raise _refusal(self.model, r.status_code, r.content)
+            err = _refusal(self.model, r.status_code, r.content)
+            if re.search(r"too large|context|exceed", err.message):
+                # llama-server answers 500 for an input longer than it reads at once: the input's fault.
+                raise UpstreamError(f"an input is too long for model '{self.model}': {err.message}", status=400,
+                                    param="input", hint=f"inputs must fit the model's {self.worker.info.get('context_length', '?')}-token "
+                                    "context: shorten or split them")
+            raise err
         data = r.json()
         vectors = [d["embedding"] for d in sorted(data["data"], key=lambda d: d["index"])]
         return vectors, int((data.get("usage") or {}).get("prompt_tokens") or 0)
@@ -317,19 +353,14 @@ def _event(choice: dict[str, Any], chat: bool) -> TokenChunk | None:
     return TokenChunk(text, reasoning=reasoning, tool_calls=calls, logprobs=lp)
 
 
-def _forced_calls(text: str) -> tuple[dict[str, Any], ...]:
-    """The tool calls in a forced call's JSON (one object or an array), as OpenAI-style deltas."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return ()
-    items = data if isinstance(data, list) else [data]
-    calls = []
-    for i, item in enumerate(items):
-        if isinstance(item, dict) and isinstance(item.get("name"), str):
-            calls.append({"index": i, "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                          "function": {"name": item["name"], "arguments": json.dumps(item.get("arguments", {}))}})
-    return tuple(calls)
+def _first_call_only(event: TokenChunk) -> TokenChunk | None:
+    """*event* without deltas of a second or later tool call (parallel_tool_calls false); None if empty."""
+    calls = tuple(c for c in event.tool_calls if int(c.get("index", 0)) == 0)
+    if len(calls) == len(event.tool_calls):
+        return event
+    if not (calls or event.text or event.reasoning or event.logprobs):
+        return None
+    return TokenChunk(event.text, reasoning=event.reasoning, tool_calls=calls, logprobs=event.logprobs)
 
 
 def _finish(reason: str) -> Any:

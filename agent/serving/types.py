@@ -123,15 +123,16 @@ class UpstreamError(HearthError):
     """An upstream could not serve a request. ``status`` is the HTTP status the API should answer with.
 
     ``before_first_token`` is True when no text has reached the client yet, so the router may try the
-    next upstream.
+    next upstream. ``param`` names the request field at fault, for a 400.
     """
 
     def __init__(self, message: str, status: int = 503, hint: str | None = None,
-                 before_first_token: bool = True, retry_after: float | None = None) -> None:
+                 before_first_token: bool = True, retry_after: float | None = None, param: str | None = None) -> None:
         super().__init__(message, hint)
         self.status = status
         self.before_first_token = before_first_token
         self.retry_after = retry_after
+        self.param = param
 
 
 class QueueFull(UpstreamError):

@@ -319,3 +319,24 @@ async def test_ollama_show_and_pull_name_the_model(client: httpx.AsyncClient) ->
     assert r.status_code == 400 and "verbose" in r.json()["error"]
     r = await client.post("/api/embed", json={"model": "fake", "input": "x", "keep_alive": 0})
     assert r.status_code == 400 and "keep_alive" in r.json()["error"]
+
+
+async def test_thinking_fields_reach_the_router_or_are_refused(client: httpx.AsyncClient, runtime: FakeRuntime) -> None:
+    """reasoning_effort and Ollama's think switch thinking; an assistant's earlier thoughts go back to the
+    template; think on /api/generate (a raw prompt, no template to think in) is a 400 naming it."""
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "reasoning_content": "Hm"},
+               {"role": "user", "content": "Again"}]
+    r = await client.post("/v1/chat/completions", json={"model": "fake", "messages": history, "reasoning_effort": "none"})
+    assert r.status_code == 200, r.text
+    req = runtime.router.records[-1].request
+    assert req.think is False and req.messages[1]["reasoning_content"] == "Hm"
+    await client.post("/v1/chat/completions", json={"model": "fake", "messages": history, "reasoning_effort": "high"})
+    assert runtime.router.records[-1].request.think is True
+    await client.post("/api/chat", json={"model": "fake", "stream": False, "think": True, "messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "thinking": "Hm"}]})
+    req = runtime.router.records[-1].request
+    assert req.think is True and req.messages[1]["reasoning_content"] == "Hm"
+    r = await client.post("/api/generate", json={"model": "fake", "prompt": "Why", "think": True, "stream": False})
+    assert r.status_code == 400 and "think" in r.json()["error"], r.text
+    r = await client.post("/api/generate", json={"model": "fake", "prompt": "Why", "think": False, "stream": False})
+    assert r.status_code == 200, r.text

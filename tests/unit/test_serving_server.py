@@ -62,6 +62,9 @@ FAKE_SERVER = textwrap.dedent(r'''
                 open(log, "a").write(json.dumps({"path": self.path, "body": body}) + "\n")
             if "prompt" in body and body["prompt"] == "too long":
                 return self._json(400, {"error": {"code": 400, "message": "the request exceeds the available context size"}})
+            if body.get("verbose"):  # llama-server's debug answer, as the call-opener probe reads it
+                return self._json(200, {"choices": [], "__verbose": {"generation_settings": {"grammar_triggers": [
+                    {"type": 1, "value": "<tool_call>"}, {"type": 1, "value": '{"type": "function",'}]}}})
             n = body.get("max_tokens") or 5
             self.send_response(200); self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked"); self.end_headers()
@@ -146,12 +149,25 @@ def test_request_mapping_names_every_field() -> None:
     assert body["cache_prompt"] is False and body["seed"] == 7 and body["max_tokens"] == 9
     assert body["chat_template_kwargs"] == {"enable_thinking": False} and body["presence_penalty"] == 0.5
     assert body["mirostat"] == 2 and "num_ctx" not in body and body["stream"] is True
-    # 'required' (or a named function): the answer is constrained to the call itself, by a JSON schema.
-    _, body = server_body(chat(tools=tools, tool_choice={"type": "function", "function": {"name": "set_light"}}))
-    schema = body["response_format"]["json_schema"]["schema"]
-    assert schema["properties"]["name"] == {"const": "set_light"} and "tool_choice" not in body
-    _, body = server_body(chat(tools=tools, tool_choice="required", parallel_tool_calls=True))
-    assert body["response_format"]["json_schema"]["schema"]["type"] == "array"
+    # 'required' (or a named function): llama.cpp's own grammar for the template's call syntax, begun with the
+    # template's call opener as a prefilled assistant turn so that nothing but the call can come.
+    two = (*tools, {"type": "function", "function": {"name": "get_temperature"}})
+    _, body = server_body(chat(tools=two, tool_choice={"type": "function", "function": {"name": "set_light"}}),
+                          "<tool_call>")
+    assert body["tools"] == list(tools) and body["tool_choice"] == "required" and "response_format" not in body
+    assert body["messages"][-1] == {"role": "assistant", "content": "<tool_call>"}
+    assert body["parallel_tool_calls"] is False and body["stop"] == ["<tool_call>"]  # forced: one call by default
+    _, body = server_body(chat(tools=two, tool_choice="required", parallel_tool_calls=True), "[TOOL_CALLS]")
+    assert body["tools"] == list(two) and body["parallel_tool_calls"] is True
+    assert body["messages"][-1]["content"] == "[TOOL_CALLS]" and len(body["messages"]) == 2
+    # One call only: where each call opens with its own marker, the marker stops a second one; not '{' (JSON).
+    _, body = server_body(chat(tools=two, tool_choice="required", parallel_tool_calls=False, stop=("\n\n",)),
+                          "<tool_call>\n")
+    assert body["stop"] == ["\n\n", "<tool_call>"]
+    _, body = server_body(chat(tools=two, tool_choice="required", parallel_tool_calls=False), "{")
+    assert body["messages"][-1]["content"] == "{" and "stop" not in body
+    _, body = server_body(chat(tools=two, tool_choice="required"))  # no opener known: llama.cpp's grammar alone
+    assert body["tool_choice"] == "required" and len(body["messages"]) == 1
     path, body = server_body(GenerationRequest(model="m", kind="completion", prompt="Once"))
     assert path == "/v1/completions" and body["prompt"] == "Once" and "cache_prompt" not in body
 
@@ -247,6 +263,34 @@ async def test_closing_the_stream_cancels_in_the_server(fake_spec: ServerSpec, t
             await asyncio.sleep(0.05)
         cancelled = [json.loads(line)["cancelled_at"] for line in log.read_text().splitlines() if "cancelled_at" in line]
         assert cancelled and cancelled[0] < 50
+    finally:
+        await server.stop()
+
+
+async def test_a_forced_call_is_begun_with_the_template_s_own_opener(fake_spec: ServerSpec, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """tool_choice required: the opener is asked of the server once (its grammar trigger word, not the JSON
+    wrapper one), then every forced call is sent with it as a prefilled assistant turn; tool calls stream."""
+    log = tmp_path / "fake.log"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    server = ServerProcess(fake_spec)
+    server.start()
+    try:
+        assert await server.wait_ready(10)
+        up = ServerUpstream(server)
+        tools = ({"type": "function", "function": {"name": "set_light"}},)
+        for _ in range(2):
+            chunks, fin = await collect(up, chat(tools=tools, tool_choice="required", max_tokens=1))
+            calls = [c for chunk in chunks for c in chunk.tool_calls]
+            assert fin.finish_reason == "tool_calls" and calls[0]["function"]["name"] == "set_light"
+        _, fin = await collect(up, chat(tools=tools, tool_choice="auto", max_tokens=1))
+        sent = [json.loads(line) for line in log.read_text().splitlines()]
+        probes = [s["body"] for s in sent if s["body"].get("verbose")]
+        calls = [s["body"] for s in sent if s["body"].get("stream")]
+        assert len(probes) == 1 and probes[0]["tools"] and probes[0]["max_tokens"] == 1
+        assert [b["messages"][-1] for b in calls[:2]] == [{"role": "assistant", "content": "<tool_call>"}] * 2
+        assert calls[2]["messages"][-1]["role"] == "user" and calls[2]["tool_choice"] == "auto"
+        await up.close()
     finally:
         await server.stop()
 
