@@ -101,7 +101,7 @@ def peer_node_id(ssl_object: Any) -> str:
     """The node id of the peer on a TLS connection (an ssl.SSLObject or SSLSocket); '' when there is none."""
     if ssl_object is None:
         return ""
-    return node_id_of_certificate(ssl_object.getpeercert(binary_form=True))
+    return node_id_of_certificate(ssl_object.getpeercert(True))  # positional: the sync transport gives _ssl._SSLSocket
 
 
 @contextlib.contextmanager

@@ -299,3 +299,58 @@ print(json.dumps({{"chunks": chunks, "ttft": first, "total": time.monotonic() - 
     res = run_in(ns, PYTHON, "-c", code)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+class ChanPeer:
+    """tests/netns/chanpeer.py (one end of the household channel) running in a namespace."""
+
+    def __init__(self, ns: Namespace, secret: bytes, *args: str, port: int = 8091) -> None:
+        self.ns = ns
+        self.port = port
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, PYTHON, str(ROOT / "tests" / "netns" / "chanpeer.py"),
+                                      "--secret", secret.hex(), "--port", str(port), *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     cwd=ROOT)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise ChanPeerFailed(self.proc.stderr.read() if self.proc.stderr else "")
+        self.ready: dict[str, Any] = json.loads(line)
+        self.node: str = self.ready["node"]
+
+    @property
+    def address(self) -> str:
+        """NODE=HOST:PORT, as another chanpeer's --peer takes it."""
+        return f"{self.node}={self.ns.address}:{self.port}"
+
+    def forward(self, spec: str) -> str:
+        """The loopback address of the forward *spec* (NODE/SERVICE)."""
+        return self.ready["forwards"][spec]
+
+    def stats(self) -> dict[str, Any]:
+        """Bytes relayed by its forwards, and what its sink saw."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("stats\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def kill(self) -> None:
+        """SIGKILL (no goodbye)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        """End of input: a clean stop."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class ChanPeerFailed(AssertionError):
+    """chanpeer.py exited before it was ready (its stderr is the message)."""

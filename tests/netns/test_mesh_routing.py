@@ -2,7 +2,8 @@
 
 A serves no model; C serves Gemma. A request to A is streamed from C; then B starts serving Gemma too,
 C is killed, A drops it within 5 s and a request fails over to B; a peer dying mid-stream ends the
-client's stream with an error quickly, never a hang.
+client's stream with an error quickly, never a hang. A capture on the bridge while A routes to C shows
+neither the prompt nor the answer.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from meshlab import PYTHON, ROOT, Agent, openai_stream, wait_for
+from meshlab import MESH_PORT, PYTHON, ROOT, Agent, openai_stream, wait_for
 
 if importlib.util.find_spec("llama_cpp") is None:
     pytest.skip("the routing tests serve a real model through the runtime", allow_module_level=True)
@@ -67,6 +68,48 @@ def test_request_to_a_for_a_model_only_c_has_is_streamed_from_c(nodes):
     assert model in res.stdout, res.stdout + res.stderr
 
 
+def test_a_capture_on_the_bridge_never_shows_the_prompt_or_the_answer(nodes, lan, tmp_path):
+    """tcpdump on the LAN's bridge while A routes a chat request to C: the prompt and every piece of the answer
+    cross the LAN only encrypted. A cleartext request sent during the capture shows the capture sees clear
+    text when there is any."""
+    import shutil
+
+    if not shutil.which("tcpdump"):
+        pytest.skip("tcpdump is not installed (ci/test installs it)")
+    a, c, model = nodes["A"], nodes["C"], nodes["model"]
+    marker = "Quillfeather-7319"
+    prompt = f"My name is {marker}. Write one sentence about the lighthouse keeper."
+    pcap = tmp_path / "bridge.pcap"
+    dump = subprocess.Popen(["tcpdump", "-i", lan.bridge, "-n", "-s", "0", "-U", "-w", str(pcap), "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert dump.stderr is not None
+        assert "listening on" in dump.stderr.readline()
+        control = subprocess.run(["ip", "netns", "exec", c.ns.name, PYTHON, "-c",
+                                  f"import httpx; httpx.get('{a.url}/health?probe=Cleartext-4242', timeout=10)"],
+                                 capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert control.returncode == 0, control.stderr
+        answer = openai_stream(a.ns, LOCAL, model, prompt, max_tokens=24)
+        time.sleep(1.0)  # the last segments reach the file (-U writes each packet as it comes)
+    finally:
+        dump.terminate()
+        dump.wait(10)
+    data = pcap.read_bytes()
+    assert b"Cleartext-4242" in data  # the capture does see what crosses the LAN in clear
+    text = "".join(answer["chunks"])
+    assert len(answer["chunks"]) > 5 and text.strip()
+    assert a.view()["self"]["models"] == []  # A has no model: every token came from C over the LAN
+    assert marker.encode() not in data and b"lighthouse keeper" not in data
+    assert text.encode() not in data and b'"type": "token"' not in data
+    for piece in {p.strip() for p in answer["chunks"]}:
+        if len(piece) >= 6:
+            assert piece.encode() not in data, piece
+    # ...and yet the stream crossed the LAN on the channel: a pushed segment (a TLS record) per token at least.
+    pushed = subprocess.run(["tcpdump", "-n", "-r", str(pcap), f"tcp port {MESH_PORT} and src {c.ns.address} and "
+                             "tcp[tcpflags] & tcp-push != 0"], capture_output=True, text=True, timeout=60)
+    assert len(pushed.stdout.splitlines()) >= len(answer["chunks"]), pushed.stdout[-2000:] + pushed.stderr
+
+
 def test_killed_peer_is_dropped_within_5_s_and_the_request_fails_over(nodes):
     a, b, c, model = nodes["A"], nodes["B"], nodes["C"], nodes["model"]
     b.start()
@@ -109,3 +152,4 @@ except Exception as e:
     out, _ = proc.communicate(timeout=30)
     assert time.monotonic() - killed < 10
     assert out.startswith("error") or "finished error" in out, out
+
