@@ -125,7 +125,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="hearth-pool-bench-"))
     context = 1024
     layout = layout_from_gguf(model, context)
-    cap = (layout.total // 2 + layout.output_bytes + layout.overhead + 2 * layout.per_layer) // MIB
+    cap = (layout.output_bytes + layout.overhead + (layout.n_layers // 2 + 2) * layout.per_layer) // MIB
     cfg = Config().replace(**{"pool.max_ram_mib": cap, "pool.reserve_mib": 0})
     bandwidth = measure_bandwidth()
     servers, relays, offers = [], {}, []

@@ -85,6 +85,9 @@ class ServerSpec:
     """llama-server to run; None means the runtime's (hearth.llamacpp.server_binary())."""
     command: tuple[str, ...] = ()
     """Run this program instead of llama-server, with the same flags (tests use a fake server)."""
+    repack: bool = True
+    """llama.cpp's CPU weight repacking (faster interleaved kernels). rpc-server's plain CPU buffers never
+    repack, so a reference run that must compute exactly like a pool turns it off."""
     rpc: tuple[str, ...] = ()
     """A pooled model (hearth.pool): the members' rpc-server endpoints (loopback addresses, through the
     mesh's channel for peers)."""
@@ -151,6 +154,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--reasoning-format", lambda s: None if s.embedding else "deepseek",
          "a thinking model's thoughts go to reasoning_content"),
     Flag("--embeddings", lambda s: s.embedding, "an embedding model: /v1/embeddings only"),
+    Flag("--no-repack", lambda s: not s.repack, "plain CPU kernels, as a pool's rpc-servers compute"),
     Flag("--no-webui", lambda s: True, "Hearth serves its own page"),
     Flag("--metrics", lambda s: True, "Prometheus counters at /metrics"),
     Flag("--slots", lambda s: True, "slot states at /slots"),

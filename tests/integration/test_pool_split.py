@@ -68,6 +68,14 @@ def stream(url: str, model: str, max_tokens: int = 32, kill: Any = None) -> dict
             "after_kill": ended - killed_at if killed_at else None}
 
 
+def rss(pid: int | None) -> int:
+    """Resident memory of a process, bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 @contextlib.asynccontextmanager
 async def api(router: Router, state: Path) -> AsyncIterator[str]:
     """The real API app over *router* on a loopback port."""
@@ -92,8 +100,8 @@ async def api(router: Router, state: Path) -> AsyncIterator[str]:
 async def test_a_model_split_across_two_rpc_servers_answers_like_one_node(
         tmp_path: Path, gemma_path: Path, llama_runtime: Any) -> None:
     layout = layout_from_gguf(gemma_path, CONTEXT)
-    # Each member may offer a little more than half of what the model needs: the caps force a split.
-    cap_mib = (layout.total // 2 + layout.output_bytes + layout.overhead + 2 * layout.per_layer) // MIB
+    # Each member may hold the output layer and a little over half the other layers: the caps force a split.
+    cap_mib = (layout.output_bytes + layout.overhead + (layout.n_layers // 2 + 2) * layout.per_layer) // MIB
     assert cap_mib * MIB < layout.total
     cfg = Config().replace(**{"pool.max_ram_mib": cap_mib, "pool.threads": 1})
     bandwidth = measure_bandwidth()
@@ -107,7 +115,8 @@ async def test_a_model_split_across_two_rpc_servers_answers_like_one_node(
         offers.append(Offer(name, f"hearth-{name}", devices, rpc_ready=True))
     for server in servers:
         assert await asyncio.wait_for(server.ready.wait(), 60), server.log_tail
-    assert plan(layout, offers).members == ("a", "b")
+    assert sorted(plan(layout, offers).members) == ["a", "b"]
+    idle = [rss(server.pid) for server in servers]
 
     by_node = dict(zip(("a", "b"), servers, strict=True))
 
@@ -121,7 +130,9 @@ async def test_a_model_split_across_two_rpc_servers_answers_like_one_node(
     serving = Pool(tmp_path / "run")
     manager = PoolManager(serving, router, live_offers, connect, self_node="a", retry_s=0.2)
     manager.keep("pooled", gemma_path, context=CONTEXT, slots=1, threads=2)
-    single = serving.add("single", gemma_path, context=CONTEXT, slots=1, threads=2)
+    # The single-node reference computes with the kernels the members' rpc-servers use: rpc-server's CPU
+    # buffers are never repacked, and a repacked single node can flip a near-tie (measured: it does here).
+    single = serving.add("single", gemma_path, context=CONTEXT, slots=1, threads=2, repack=False)
     router.add_upstream(single)
     try:
         async with api(router, tmp_path) as url:
@@ -130,9 +141,10 @@ async def test_a_model_split_across_two_rpc_servers_answers_like_one_node(
                 assert time.monotonic() < deadline, (manager.status(), serving.upstreams["pooled"].worker.log_tail
                                                      if "pooled" in serving.upstreams else None)
                 await asyncio.sleep(0.2)
-            pooled = serving.upstreams["pooled"]
-            used = pooled.worker.info["offload"]["devices_used"]
-            assert sum(name.startswith("RPC") for name in used) == 2, used  # llama.cpp's own load report
+            # Both members really hold part of the model: their resident memory grew by their share.
+            held = [rss(server.pid) - idle[i] for i, server in enumerate(servers)]
+            assert all(h > 20 * MIB for h in held), held
+            assert sum(held) > 0.8 * (layout.total - layout.overhead), (held, layout.total)
 
             one = await asyncio.to_thread(stream, url, "single")
             split = await asyncio.to_thread(stream, url, "pooled")
@@ -141,8 +153,8 @@ async def test_a_model_split_across_two_rpc_servers_answers_like_one_node(
 
             import httpx
 
-            models = httpx.get(url + "/v1/models").json()["data"]
-            assert {m["id"]: m.get("pool") for m in models}["pooled"] == ["hearth-a", "hearth-b"]
+            models = (await asyncio.to_thread(httpx.get, url + "/v1/models")).json()["data"]
+            assert sorted({m["id"]: m.get("pool") for m in models}["pooled"]) == ["hearth-a", "hearth-b"]
 
             # A member dies mid-stream: the stream ends with a clean error within 5 s, never a hang ...
             victim = servers[1]
