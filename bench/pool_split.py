@@ -94,11 +94,13 @@ def projection(bytes_per_token: float, turns_per_token: float) -> dict[str, Any]
     """tok/s on paper for a 32B Q4_K_M model split over two nodes, per link.
 
     Assumptions (printed): weights 19.9 GB read once per token at 40 GB/s per node (dual-channel DDR5,
-    half the weights each, one member at a time: a single stream is a pipeline); RPC traffic per token
-    grows with the hidden size (5120 vs Gemma 270M's 640) and with the layers each member runs (64 vs 18);
-    each round trip costs the link's latency."""
+    half the weights each, one member at a time: a single stream is a pipeline); the head holds half the
+    layers and the output, so the LAN carries only the other member's traffic, measured here, which is
+    the hidden state in and out (grows with the hidden size: 5120 vs Gemma 270M's 640) plus llama.cpp's
+    command messages: scaled by 8 as a whole (an upper bound for the commands); each round trip costs the
+    link's latency."""
     compute_s = 19.9e9 / 40e9
-    scale = (5120 / 640) * (64 / 18)
+    scale = 5120 / 640
     b = bytes_per_token * scale
     links = {"1 GbE": (125e6, 0.2e-3), "2.5 GbE": (312e6, 0.15e-3), "Wi-Fi 5 (~300 Mbit/s real, 3 ms)": (37.5e6, 3e-3)}
     out = {}
@@ -152,31 +154,38 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     manager = PoolManager(serving, Router(), lambda: offers, connect, self_node="a")
     manager.keep("pooled", model, context=context, slots=1, threads=args.threads)
     single = serving.add("single", model, context=context, slots=1, threads=args.threads)
+    # rpc-server's CPU buffers are never repacked: this reference computes exactly as the members do.
+    plain = serving.add("plain", model, context=context, slots=1, threads=args.threads, repack=False)
     try:
         t0 = time.monotonic()
-        while manager.ready() != ("pooled",) or single.worker.state != "ready":
+        while manager.ready() != ("pooled",) or single.worker.state != "ready" or plain.worker.state != "ready":
             if time.monotonic() - t0 > 300:
                 raise SystemExit(f"the pool did not form: {manager.status()}")
             await asyncio.sleep(0.2)
         pooled = serving.upstreams["pooled"]
         plan = manager.models["pooled"].plan
         prompts = [f"Story {i}: once upon a time, in a small village by the sea," for i in range(args.rounds)]
-        await timed(single, "Warm up.", 4)
-        await timed(pooled, "Warm up.", 4)
-        rows: dict[str, list[dict[str, Any]]] = {"single": [], "pooled": []}
+        for up in (single, plain, pooled):
+            await timed(up, "Warm up.", 4)
+        rows: dict[str, list[dict[str, Any]]] = {"single": [], "plain": [], "pooled": []}
         for p in prompts:
-            for name, up in (("single", single), ("pooled", pooled)):
+            for name, up in (("single", single), ("plain", plain), ("pooled", pooled)):
                 rows[name].append(await timed(up, p, args.tokens))
         # Bytes and round trips per generated token: two lengths of the same prompt, the difference.
+        # The head ("a", self_node) holds the output layer, so the logits come back over its own loopback;
+        # the other member's relay carries what a LAN link would in a two-way split.
+        remote = next(n for n in relays if n != "a")
         counts = []
         for n in (8, 8 + args.tokens):
-            before = sum(r.bytes for r in relays.values()), sum(r.turns for r in relays.values())
+            before = ({k: r.bytes for k, r in relays.items()}, {k: r.turns for k, r in relays.items()})
             got = await timed(pooled, "Bytes: once upon a time,", n)
-            counts.append((sum(r.bytes for r in relays.values()) - before[0],
-                           sum(r.turns for r in relays.values()) - before[1], got["pieces"]))
+            counts.append(({k: r.bytes - before[0][k] for k, r in relays.items()},
+                           {k: r.turns - before[1][k] for k, r in relays.items()}, got["pieces"]))
         extra_tokens = max(1, counts[1][2] - counts[0][2])
-        bytes_per_token = (counts[1][0] - counts[0][0]) / extra_tokens
-        turns_per_token = (counts[1][1] - counts[0][1]) / extra_tokens
+        per_token = {k: (counts[1][0][k] - counts[0][0][k]) / extra_tokens for k in relays}
+        bytes_per_token = sum(per_token.values())
+        network_bytes = per_token[remote]
+        turns_per_token = (counts[1][1][remote] - counts[0][1][remote]) / extra_tokens
     finally:
         await manager.stop()
         await serving.stop()
@@ -185,18 +194,22 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for relay in relays.values():
             await relay.stop()
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("ttft", "ms_per_token")} for k, v in rows.items()}
-    identical = all(a["text"] == b["text"] for a, b in zip(rows["single"], rows["pooled"], strict=True))
+    identical = all(a["text"] == b["text"] for a, b in zip(rows["plain"], rows["pooled"], strict=True))
+    same_as_repacked = sum(a["text"] == b["text"] for a, b in zip(rows["single"], rows["pooled"], strict=True))
     return {
         "model": model.name, "tokens": args.tokens, "rounds": args.rounds, "threads": args.threads,
         "split": plan.describe() if plan else "", "tensor_split": list(plan.tensor_split) if plan else [],
         "single_ms_per_token": round(med["single"]["ms_per_token"], 2),
         "pool_ms_per_token": round(med["pooled"]["ms_per_token"], 2),
         "single_ttft_ms": round(1000 * med["single"]["ttft"], 1), "pool_ttft_ms": round(1000 * med["pooled"]["ttft"], 1),
+        "plain_ms_per_token": round(med["plain"]["ms_per_token"], 2),
         "identical_output": identical,
+        "identical_to_repacked_single": f"{same_as_repacked} of {len(prompts)}",
         "pool_ms_per_token_ratio": round(med["pooled"]["ms_per_token"] / med["single"]["ms_per_token"], 3),
         "ttft_ratio": round(med["pooled"]["ttft"] / med["single"]["ttft"], 3),
-        "bytes_per_token": round(bytes_per_token), "round_trips_per_token": round(turns_per_token, 2),
-        "projection": projection(bytes_per_token, turns_per_token),
+        "bytes_per_token": round(bytes_per_token), "network_bytes_per_token": round(network_bytes),
+        "round_trips_per_token": round(turns_per_token, 2),
+        "projection": projection(network_bytes, turns_per_token),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 

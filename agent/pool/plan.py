@@ -7,7 +7,8 @@ bytes over its memory bandwidth; giving each member layers in proportion to its 
 times out (the memory-bound term of prima.cpp's Halda scheduler, which also weighs compute, disk and the
 devices' other work). No member gets more layers than its offer holds; what a capped member cannot take
 goes to the others, again by bandwidth ("water-filling"). The output layer (for small models often the
-biggest tensor: the vocabulary) goes to the last device, chosen as the one with the most memory.
+biggest tensor: the vocabulary) goes to the last device: the head's own when it can hold it, since the
+logits come back from that device every token, else the one with the most memory.
 
 The counts become llama.cpp's ``--tensor-split`` over the members' RPC devices: with every layer offloaded,
 llama.cpp gives device *j* exactly the layers whose index falls below the running sum of the counts.
@@ -188,8 +189,12 @@ def plan(layout: ModelLayout, offers: Sequence[Offer], prefer: str = "") -> Plan
     per = max(1, layout.per_layer)
     for n in range(1, len(slices) + 1):
         chosen = slices[:n]
-        # The device with the most memory goes last and holds the output layer.
-        last = max(range(n), key=lambda i: chosen[i].bytes)
+        # The last device holds the output layer, and the logits (vocabulary x 4 bytes per token: 1 MiB for
+        # Gemma 3) come back from it every token: the head's own device when it can hold the output keeps
+        # them off the network; otherwise the one with the most memory.
+        fits = [i for i in range(n) if chosen[i].bytes >= layout.overhead + layout.output_bytes]
+        own = [i for i in fits if chosen[i].offer.node == prefer]
+        last = own[0] if own else max(range(n), key=lambda i: chosen[i].bytes)
         order = [s for i, s in enumerate(chosen) if i != last] + [chosen[last]]
         caps = [max(0, (s.bytes - layout.overhead - (layout.output_bytes if i == n - 1 else 0)) // per)
                 for i, s in enumerate(order)]

@@ -57,13 +57,17 @@ def test_split_refuses_when_the_caps_are_too_small() -> None:
         split_layers(10, [4, 5], [1.0, 1.0])
 
 
-def test_plan_picks_the_biggest_offers_and_puts_the_output_on_the_roomiest() -> None:
+def test_plan_picks_the_biggest_offers_and_keeps_the_output_on_the_head() -> None:
     lay = layout(10, 100 * MIB, 300 * MIB)
     offers = [offer("a", ("CPU", 700 * MIB, 10.0)), offer("b", ("CPU", 1200 * MIB, 10.0)),
               offer("c", ("CPU", 200 * MIB, 50.0))]
     p = plan(lay, offers, prefer="a")
-    assert p.members == ("a", "b")  # the two biggest offers hold it: no third hop
-    assert p.shares[-1].node == "b" and p.shares[-1].output
+    assert set(p.members) == {"a", "b"}  # the two biggest offers hold it: no third hop
+    # The logits come back from the output's device every token: the head (a) keeps it when it can.
+    assert p.shares[-1].node == "a" and p.shares[-1].output
+    # A head that cannot hold the output leaves it to the roomiest member.
+    other = plan(lay, offers, prefer="c")
+    assert other.shares[-1].node == "b" and other.shares[-1].output
     assert sum(s.layers for s in p.shares) == 10 and p.tensor_split[-1] == p.shares[-1].layers + 1
     assert sum(p.tensor_split) == 11  # every layer plus the output, as llama.cpp counts them
     for s in p.shares:
