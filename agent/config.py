@@ -22,6 +22,7 @@ import yaml
 
 from .errors import ConfigError
 from .fsutil import atomic_write
+from .mesh import DEFAULT_PORT as MESH_DEFAULT_PORT
 
 DEFAULT_PATH = Path("/etc/hearth/hearth.yaml")
 """Where the agent and the CLI read the node's configuration unless told otherwise."""
@@ -172,7 +173,7 @@ class ApiSettings:
     """The OpenAI-compatible (and Ollama-style) HTTP API."""
 
     host: str = setting("0.0.0.0", "Address the API listens on.", check_address)
-    port: int = setting(8080, "TCP port of the API (and of the mesh, which rides on it).", check_port)
+    port: int = setting(8080, "TCP port of the API.", check_port)
     open_loopback: bool = setting(True, "Let clients on this machine (loopback) call the API without a key.")
     max_body_bytes: int = setting(4 * 1024 * 1024, "Largest request body accepted, in bytes.", in_range(1024, 1 << 30))
     queue_depth: int = setting(8, "Requests that may wait per model before new ones get 429.", in_range(0, 10_000))
@@ -204,8 +205,11 @@ class MeshSettings:
     """The household mesh."""
 
     enabled: bool = setting(True, "Join the household mesh (needs a household secret).")
+    port: int = setting(MESH_DEFAULT_PORT, "TCP port of the household channel (mutual TLS 1.3): all node-to-node traffic.",
+                        check_port)
     discovery: bool = setting(True, "Find peers with DNS-SD over mDNS (_hearth._tcp).")
-    peers: tuple[str, ...] = setting((), "Manual peers (host or IP[:port]) for networks that drop multicast.", check_peers)
+    peers: tuple[str, ...] = setting((), "Manual peers (host or IP[:mesh port]) for networks that drop multicast.",
+                                     check_peers)
 
 
 @dataclass(frozen=True)

@@ -204,7 +204,7 @@ class Services:
         return None
 
     def discover_peers(self, timeout: float = 3.0) -> list[str]:
-        """Base URLs of Hearth nodes announced over mDNS (and configured manual peers)."""
+        """Channel URLs (https, mesh port) of Hearth nodes announced over mDNS."""
         urls: list[str] = []
         try:
             from zeroconf import ServiceBrowser, Zeroconf
@@ -221,9 +221,10 @@ class Services:
         class Listener:
             def add_service(self, zc_: Zeroconf, type_: str, name: str) -> None:
                 info = zc_.get_service_info(type_, name, timeout=2000)
-                if info:
+                mesh = (info.properties.get(b"mesh") or b"").decode() if info else ""
+                if info and mesh.isdigit():  # the household channel's port (older nodes have none)
                     for addr in info.parsed_addresses():
-                        urls.append(f"http://{addr}:{info.port}")
+                        urls.append(f"https://{addr}:{mesh}")
                     found.set()
 
             def update_service(self, *a: Any) -> None:

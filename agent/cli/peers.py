@@ -73,8 +73,8 @@ def _pool_text(pool: Any) -> str:
 
 def _copy(args: argparse.Namespace, cfg: Any, view: dict[str, Any]) -> int:
     from ..mesh import household, identity
-    from ..mesh.auth import derive_key
     from ..mesh.copy import copy_from_peer, peers_with_model
+    from ..mesh.tls import Credentials
     from ..models.store import Store
 
     hh = household.load(cfg.state.dir)
@@ -88,7 +88,7 @@ def _copy(args: argparse.Namespace, cfg: Any, view: dict[str, Any]) -> int:
         raise HearthError(f"no peer has a model '{args.name}'", hint="'hearth peers --json' lists each peer's files")
     peer = peers[0]
     print(f"copying {args.name} from {peer['name']} ({peer['host']})", flush=True)
-    model = copy_from_peer(Store.from_config(cfg), derive_key(hh.secret), me.node_id, peer["url"], peer["node"],
+    model = copy_from_peer(Store.from_config(cfg), Credentials.issue(me, hh), peer["url"], peer["node"],
                            args.name, say=lambda line: print(line, flush=True))
     print(f"copied {model.file} to {model.path} (sha256 {model.sha256} checked)")
     return 0

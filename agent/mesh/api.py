@@ -1,8 +1,11 @@
-"""The /mesh/v1 HTTP endpoints peers call; every one needs a valid household signature.
+"""The /mesh/v1 HTTP endpoints peers call, served only on the household channel (mutual TLS, mesh.port).
 
-Refused requests (unsigned, forged, replayed, another household) are logged at WARNING with the peer's
-address and answered 401/403. /mesh/v1/generate streams from this node's *local* upstreams only, so a
-forwarded request is never forwarded again.
+A request reaches them only through a TLS 1.3 connection that showed a certificate from the household
+CA; each one must also carry a valid household signature (defence in depth: a request replayed inside
+the window, or one whose TLS layer were ever misconfigured, is still refused). Refused requests are logged
+at WARNING with the peer's address and answered 401/403. /mesh/v1/generate streams from this node's
+*local* upstreams only, so a forwarded request is never forwarded again. The API port keeps only
+/mesh/v1/peers, for `hearth peers` on the node itself (loopback), which carries no prompt or answer.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from ..serving.types import Finished, GenerationRequest, TokenChunk, UpstreamError
+from . import PROTOCOL_VERSION
 from .auth import H_NONCE, H_SIG, AuthError, sign_answer
 
 if TYPE_CHECKING:
@@ -33,7 +37,7 @@ def _peer_addr(request: Request) -> str:
 
 
 def make_router(mesh: MeshService) -> APIRouter:
-    """The APIRouter for *mesh*."""
+    """The APIRouter for *mesh*, served on its household channel."""
     router = APIRouter(prefix="/mesh/v1", tags=["mesh"])
     refusals: dict[tuple[str, str], float] = {}
 
@@ -70,10 +74,11 @@ def make_router(mesh: MeshService) -> APIRouter:
         if len(challenge) < 16:
             raise HTTPException(400, detail="challenge too short")
         proof = mesh.identity.sign(b"hearth-hello" + challenge + mesh.node.encode())
-        if isinstance(data.get("api_port"), int) and data.get("node") != mesh.node:
-            mesh.learn(_peer_addr(request), data["api_port"])
+        if isinstance(data.get("mesh_port"), int) and data.get("node") != mesh.node:
+            mesh.learn(_peer_addr(request), data["mesh_port"])
         return signed(request, {"node": mesh.node, "name": mesh.name, "public_key": mesh.identity.public_bytes.hex(),
-                                "proof": proof.hex(), "version": 1, "api_port": mesh.api_port})
+                                "proof": proof.hex(), "version": PROTOCOL_VERSION, "api_port": mesh.api_port,
+                                "mesh_port": mesh.channel.port})
 
     @router.get("/state")
     async def state(request: Request, sender: str = Depends(verified)) -> Response:
@@ -125,17 +130,27 @@ def make_router(mesh: MeshService) -> APIRouter:
         return FileResponse(_stored(mesh, name).path, media_type="application/octet-stream")
 
     @router.get("/peers")
+    async def peers(request: Request, sender: str = Depends(verified)) -> JSONResponse:
+        """This node's view of the mesh, for a household member."""
+        return JSONResponse(mesh.view())
+
+    return router
+
+
+def make_local_router(mesh: MeshService) -> APIRouter:
+    """The one mesh route on the API port: /mesh/v1/peers for `hearth peers` on this machine (loopback only)."""
+    router = APIRouter(prefix="/mesh/v1", tags=["mesh"])
+
+    @router.get("/peers")
     async def peers(request: Request) -> JSONResponse:
-        """This node's view of the mesh, for `hearth peers` on the node itself (loopback only, no signature)."""
-        host = _peer_addr(request)
+        """This node's view of the mesh; from another machine it is a 403 (members ask on the channel)."""
         try:
-            local = ipaddress.ip_address(host).is_loopback
+            local = ipaddress.ip_address(_peer_addr(request)).is_loopback
         except ValueError:
             local = False
         if not local:
-            await verified(request)
-        return JSONResponse({"node": mesh.node, "name": mesh.name, "household": mesh.household.id,
-                             "self": mesh.local_state(), "peers": mesh.peers_summary()})
+            raise HTTPException(403, detail=f"the mesh answers household members on its channel (port {mesh.channel.port})")
+        return JSONResponse(mesh.view())
 
     return router
 

@@ -1,7 +1,8 @@
 """DNS-SD over mDNS (``_hearth._tcp.local.``) with python-zeroconf: announce this node and browse for peers.
 
-The TXT record carries only public facts (node id, protocol version, API port, key fingerprint); what a
-browser finds is a *candidate*, never a peer: the mesh service routes to it only after a signed hello.
+The TXT record carries only public facts (node id, protocol version, API port, mesh port, key
+fingerprint); the SRV port stays the API's, for browsers and apps. What a browser finds is a *candidate*,
+never a peer: the mesh service routes to it only after a hello over the household channel (mesh port).
 The AsyncZeroconf instance is the mesh service's (one per node); this class only registers and browses.
 """
 
@@ -30,6 +31,7 @@ class Candidate:
     host: str
     """The best of its announced IPv4 addresses that are not ours (see rank_addresses)."""
     port: int
+    """Its mesh port (the household channel), from TXT."""
     node: str
     fingerprint: str
     version: int
@@ -74,9 +76,9 @@ def rank_addresses(announced: list[str], local: list[tuple[str, int]]) -> tuple[
     return tuple(sorted((a for a in dict.fromkeys(announced) if a not in own), key=rank))
 
 
-def txt_record(node: str, api_port: int, fingerprint: str) -> dict[str, str]:
+def txt_record(node: str, api_port: int, fingerprint: str, mesh_port: int) -> dict[str, str]:
     """The public TXT properties of a node (nothing secret)."""
-    return {"node": node, "v": str(PROTOCOL_VERSION), "port": str(api_port), "fp": fingerprint}
+    return {"node": node, "v": str(PROTOCOL_VERSION), "port": str(api_port), "mesh": str(mesh_port), "fp": fingerprint}
 
 
 class Discovery:
@@ -84,14 +86,14 @@ class Discovery:
 
     def __init__(self, zc: AsyncZeroconf, name: str, node: str, api_port: int, fingerprint: str,
                  addresses: list[str], on_found: Callable[[Candidate], None],
-                 on_gone: Callable[[str], None]) -> None:
+                 on_gone: Callable[[str], None], mesh_port: int = 0) -> None:
         self.zc = zc
         self.name = name
         self.node = node
         self.on_found = on_found
         self.on_gone = on_gone
         self.info = AsyncServiceInfo(
-            SERVICE_TYPE, f"{name}.{SERVICE_TYPE}", port=api_port, properties=txt_record(node, api_port, fingerprint),
+            SERVICE_TYPE, f"{name}.{SERVICE_TYPE}", port=api_port, properties=txt_record(node, api_port, fingerprint, mesh_port),
             server=f"{name}.local.", addresses=[socket.inet_aton(a) for a in addresses])
         self._browser: AsyncServiceBrowser | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # strong references, or the loop may drop them
@@ -144,8 +146,12 @@ class Discovery:
             version = 0
         if props.get("node") == self.node:
             return
+        if version < PROTOCOL_VERSION or not props.get("mesh", "").isdigit():
+            log.info("mDNS: %s speaks mesh protocol %d, this node %d (no household channel): update it",
+                     name, version, PROTOCOL_VERSION)
+            return
         hosts = rank_addresses(addresses, local_interfaces())
         if not hosts:
             log.debug("mDNS: %s announced only addresses of this node (%s)", name, ", ".join(addresses))
             return
-        self.on_found(Candidate(name, hosts[0], int(info.port), props.get("node", ""), props.get("fp", ""), version))
+        self.on_found(Candidate(name, hosts[0], int(props["mesh"]), props.get("node", ""), props.get("fp", ""), version))

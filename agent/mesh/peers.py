@@ -22,7 +22,7 @@ from ..serving.types import (
     UpstreamError,
     UpstreamLoad,
 )
-from .client import MeshClient
+from .client import PIN, MeshClient
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ class Peer:
 
 
 class PeerUpstream:
-    """One model on one peer, as an Upstream: streams a GenerationRequest from /mesh/v1/generate."""
+    """One model on one peer, as an Upstream: streams a GenerationRequest from /mesh/v1/generate over the
+    household channel (the answer's certificate must be that peer's)."""
 
     def __init__(self, peer: Peer, model: str, client: MeshClient) -> None:
         self.peer = peer
@@ -125,7 +126,8 @@ class PeerUpstream:
         timeout = httpx.Timeout(connect=2.0, read=None, write=5.0, pool=2.0)
         self.inflight += 1
         try:
-            async with self.client.http.stream("POST", url, content=body, headers=headers, timeout=timeout) as resp:
+            async with self.client.http.stream("POST", url, content=body, headers=headers, timeout=timeout,
+                                               extensions={PIN: self.node}) as resp:
                 if resp.status_code != 200:
                     await resp.aread()
                     raise _error_from_answer(self.peer.name, resp)
@@ -183,7 +185,8 @@ class PeerUpstream:
         url = self.peer.url + "/mesh/v1/embed"
         headers = self.client.headers("POST", url, body) | {"Content-Type": "application/json"}
         try:
-            resp = await self.client.http.post(url, content=body, headers=headers, timeout=60.0)
+            resp = await self.client.http.post(url, content=body, headers=headers, timeout=60.0,
+                                               extensions={PIN: self.node})
         except httpx.HTTPError as e:
             raise UpstreamError(f"peer {self.peer.name} failed: {e}", status=502) from None
         if resp.status_code != 200:

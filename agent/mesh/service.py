@@ -1,9 +1,12 @@
-"""The mesh service: owns the shared AsyncZeroconf, finds candidates (mDNS and manual peers), proves them
-with a signed hello, polls their signed state every second, and keeps the router's peer upstreams in step.
+"""The mesh service: owns the shared AsyncZeroconf and the household channel, finds candidates (mDNS and
+manual peers), proves them with a signed hello over the channel, polls their signed state every second,
+and keeps the router's peer upstreams in step.
 
-A candidate becomes a peer only after its hello proves the household secret (HMAC bound to our nonce) and
-its node key (Ed25519 over our challenge), and its key fingerprint matches what mDNS announced. A peer that
-stops answering is dropped within DROP_AFTER_S + one poll, and its open streams end at once.
+A candidate becomes a peer only after the channel's TLS handshake proves it holds a certificate from the
+household CA, its hello proves the household secret (HMAC bound to our nonce) and its node key (Ed25519
+over our challenge), its key fingerprint matches what mDNS announced, and its state answer comes over a
+connection whose certificate is that node's. A peer that stops answering is dropped within DROP_AFTER_S +
+one poll, and its open streams end at once.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from .. import __version__ as hearth_version
 from ..config import Config
 from ..errors import HearthError
 from ..serving.types import Upstream
+from . import PROTOCOL_VERSION
 from . import household as household_mod
 from . import identity as identity_mod
 from .auth import Verifier, derive_key
+from .channel import Channel
 from .client import MeshClient, PeerRefused
 from .discovery import Candidate, Discovery, local_addresses
 from .peers import Peer, PeerUpstream
@@ -59,8 +64,8 @@ def parse_peer(spec: str, default_port: int) -> tuple[str, int]:
 
 
 def base_url(host: str, port: int) -> str:
-    """http://host:port with IPv6 brackets."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    """https://host:port (a peer's channel) with IPv6 brackets."""
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
 @dataclass
@@ -97,7 +102,10 @@ class MeshService:
         self.name = config.node.name or self.identity.default_name
         self.node = self.identity.node_id
         self.api_port = config.api.port
+        self.mesh_port = config.mesh.port
         self.verifier = Verifier(derive_key(hh.secret))
+        self.channel = Channel(self.identity, hh, host=config.api.host, port=config.mesh.port)
+        """This node's end of the household channel (mutual TLS): node-to-node requests and tunnels."""
         self.interfaces = interfaces
         self._local_upstreams = local_upstreams
         self._pool_state = pool_state
@@ -115,8 +123,15 @@ class MeshService:
     # --- lifecycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Announce this node, browse for peers and poll the manual ones."""
-        self.client = MeshClient(self.identity, self.household.secret, self.name, self.api_port)
+        """Open the household channel, announce this node, browse for peers and poll the manual ones."""
+        from fastapi import FastAPI
+
+        app = FastAPI(title="Hearth mesh", docs_url=None, redoc_url=None, openapi_url=None)
+        app.include_router(self.mesh_router())
+        self.channel.app = app
+        await self.channel.start()
+        self.client = MeshClient(self.identity, self.household.secret, self.name, self.api_port,
+                                 context=self.channel.http_context(), mesh_port=self.channel.port)
         # Each peer is polled every second: httpx's per-request INFO lines would flood the journal.
         logging.getLogger("httpx").setLevel(logging.WARNING)
         if self.router is not None:
@@ -126,7 +141,7 @@ class MeshService:
             if not self.interfaces:
                 self._spawn(self._follow_addresses())
         for spec in self.config.mesh.peers:
-            host, port = parse_peer(spec, self.api_port)
+            host, port = parse_peer(spec, self.mesh_port)
             self._add_candidate(base_url(host, port), host, "manual")
         log.info("mesh: node %s (%s) in household %s, %d manual peer(s), discovery %s", self.name, self.node,
                  self.household.id, len(self.config.mesh.peers), "on" if self._discovery else "off")
@@ -143,7 +158,7 @@ class MeshService:
         addresses = self.interfaces or local_addresses(self.config.api.host)
         self._zc = AsyncZeroconf(interfaces=self.interfaces or InterfaceChoice.All, ip_version=IPVersion.V4Only)
         self._discovery = Discovery(self._zc, self.name, self.node, self.api_port, self.identity.fingerprint,
-                                    addresses, self._found, self._gone)
+                                    addresses, self._found, self._gone, mesh_port=self.channel.port)
         await self._discovery.start()
 
     async def _stop_discovery(self) -> None:
@@ -189,6 +204,7 @@ class MeshService:
         if self.client is not None:
             await self.client.aclose()
             self.client = None
+        await self.channel.stop()
 
     # --- candidates --------------------------------------------------------------------------------------
 
@@ -285,7 +301,7 @@ class MeshService:
     async def _greet(self, cand: _Candidate) -> float:
         """Hello and a first state; returns how long to wait before the next poll."""
         assert self.client is not None
-        ans = await self.client.hello(cand.url)
+        ans = await self.client.hello(cand.url, cand.claimed_node)
         if ans.node == self.node:
             if cand.source == "learned":
                 return -1.0  # ourselves, as a peer saw us: nothing to watch
@@ -302,6 +318,8 @@ class MeshService:
                     fingerprint=ans.fingerprint)
         cand.peer = peer
         self.peers[peer.node] = peer
+        mesh_port = state.get("mesh_port")
+        self.channel.add_peer(peer.node, cand.host, mesh_port if isinstance(mesh_port, int) else self.mesh_port)
         log.info("mesh: peer %s (%s) at %s joined via %s", peer.name, peer.node, cand.url, cand.source)
         self._update(cand, state)
         return POLL_S
@@ -312,8 +330,8 @@ class MeshService:
         peer.state = state
         peer.last_seen = time.time()
         for url in state.get("peers", ()):
-            if isinstance(url, str) and url.startswith("http://") and url not in self.candidates:
-                host, _, port = url[len("http://"):].rpartition(":")
+            if isinstance(url, str) and url.startswith("https://") and url not in self.candidates:
+                host, _, port = url[len("https://"):].rpartition(":")
                 if port.isdigit():
                     self.learn(host.strip("[]"), int(port))
         models = set(peer.loaded_models())
@@ -335,6 +353,7 @@ class MeshService:
         cand.peer = None
         if self.peers.get(peer.node) is peer:
             del self.peers[peer.node]
+            self.channel.remove_peer(peer.node)
 
     def upstreams(self) -> list[PeerUpstream]:
         """Every proven, live peer's models as upstreams: the router asks this on each request."""
@@ -381,11 +400,16 @@ class MeshService:
                 entry["pool"] = list(pool)  # a model this node runs across the household pool: its members
             models.append(entry)
         files = [{"name": m.name, "file": m.file, "size": m.size} for m in self.stored_models()]
-        return {"node": self.node, "name": self.name, "version": hearth_version, "protocol": 1,
-                "api_port": self.api_port, "models": models, "files": files, "queued": queued,
+        return {"node": self.node, "name": self.name, "version": hearth_version, "protocol": PROTOCOL_VERSION,
+                "api_port": self.api_port, "mesh_port": self.channel.port, "models": models, "files": files, "queued": queued,
                 "capacity": capacity, "uptime_s": round(time.time() - self.started_at, 1),
                 "peers": sorted(p.url for p in self.peers.values() if p.alive),
                 "pool": self._pool_state() if self._pool_state is not None else {}}
+
+    def view(self) -> dict[str, Any]:
+        """This node's view of the mesh (the /mesh/v1/peers answer)."""
+        return {"node": self.node, "name": self.name, "household": self.household.id, "mesh_port": self.channel.port,
+                "self": self.local_state(), "peers": self.peers_summary()}
 
     def peers_summary(self) -> list[dict[str, Any]]:
         """Every live peer, for `hearth peers`."""
@@ -406,7 +430,15 @@ class MeshService:
         return self._sha_cache[key]
 
     def api_router(self) -> Any:
-        """The FastAPI APIRouter with the /mesh/v1 endpoints (the daemon includes it)."""
+        """The one mesh route the API port keeps (the daemon includes it): /mesh/v1/peers, loopback only.
+
+        Every other /mesh/v1 endpoint is served only on the household channel (mesh_router)."""
+        from .api import make_local_router
+
+        return make_local_router(self)
+
+    def mesh_router(self) -> Any:
+        """The FastAPI APIRouter with every /mesh/v1 endpoint, as the channel serves it."""
         from .api import make_router
 
         return make_router(self)

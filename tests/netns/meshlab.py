@@ -25,6 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 PORT = 8080
+MESH_PORT = 8081
 
 
 def need_netns() -> None:
@@ -137,6 +138,11 @@ class Agent:
         return f"http://{self.ns.address}:{PORT}"
 
     @property
+    def mesh_url(self) -> str:
+        """The node's household channel (mutual TLS) on the LAN."""
+        return f"https://{self.ns.address}:{MESH_PORT}"
+
+    @property
     def config_path(self) -> Path:
         """Its hearth.yaml."""
         return self.state / "hearth.yaml"
@@ -151,7 +157,8 @@ class Agent:
             "node": {"name": self.name}, "api": {"host": "0.0.0.0", "port": PORT},
             "state": {"dir": str(self.state)},
             "model": {"name": self.model, "threads": self.threads, "context": 1024, "chat_format": "gemma"},
-            "mesh": {"discovery": self.discovery, "peers": list(self.peers)}, "log": {"level": "info"}}
+            "mesh": {"port": MESH_PORT, "discovery": self.discovery, "peers": list(self.peers)},
+            "log": {"level": "info"}}
         for section, values in self.settings.items():
             data.setdefault(section, {}).update(values)
         cfg = config_mod.from_dict(data)
@@ -198,14 +205,16 @@ class Agent:
 
     def signed(self, method: str, path: str, body: bytes = b"", key: bytes | None = None, node: str = "tester",
                headers: dict[str, str] | None = None, timeout: float = 5.0) -> Any:
-        """A signed request to this node (as a member of *key*'s household)."""
+        """A signed request to this node's channel, as a member of its household (a certificate from the
+        household CA) signing with *key* (the household's unless given)."""
         import httpx
 
         from hearth.mesh.client import signed_headers
 
-        url = self.url + path
+        url = self.mesh_url + path
         h = headers if headers is not None else signed_headers(key or self.key(), node, method, url, body)
-        return httpx.request(method, url, content=body, headers=h, timeout=timeout, trust_env=False)
+        return httpx.request(method, url, content=body, headers=h, timeout=timeout, trust_env=False,
+                             verify=member_context(self.secret))
 
     def view(self) -> dict[str, Any]:
         """Its /mesh/v1/peers answer."""
@@ -235,6 +244,23 @@ class Agent:
     def log_text(self) -> str:
         """Everything it logged."""
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+_CONTEXTS: dict[bytes, Any] = {}
+
+
+def member_context(secret: bytes) -> Any:
+    """A TLS client context of a member of *secret*'s household (the tests' own node key), made once."""
+    if secret not in _CONTEXTS:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from hearth.mesh.household import Household
+        from hearth.mesh.identity import Identity
+        from hearth.mesh.tls import Credentials
+
+        creds = Credentials.issue(Identity(Ed25519PrivateKey.generate()), Household(secret))
+        _CONTEXTS[secret] = creds.context(server=False)
+    return _CONTEXTS[secret]
 
 
 def wait_for(cond: Any, timeout: float, interval: float = 0.05) -> float:

@@ -71,9 +71,12 @@ def test_wrong_household_is_refused_both_ways_and_never_routed_to(mesh):
     for n in "ABCD":
         assert "hearth-e" not in mesh[n].peer_names()
     assert mesh["E"].peer_names() == set()
-    # E found A over mDNS and said hello with its own (wrong) key: A refused it and logged who it was.
-    wait_for(lambda: re.search(rf"WARNING .*refused POST /mesh/v1/hello from {mesh['E'].ns.address}",
+    # E found A over mDNS and dialled its channel with another household's certificate: A refused the
+    # handshake (no request was read) and logged who it was; E refused A's certificate too.
+    wait_for(lambda: re.search(rf"WARNING .*refused a channel connection from {mesh['E'].ns.address}: TLS handshake",
                                mesh["A"].log_text()), timeout=10)
+    assert re.search(rf"WARNING .*candidate https://{mesh['A'].ns.address}:\d+ refused: household handshake failed",
+                     mesh["E"].log_text())
 
 
 def test_unsigned_forged_and_replayed_requests_are_refused_and_logged(mesh):
@@ -83,17 +86,36 @@ def test_unsigned_forged_and_replayed_requests_are_refused_and_logged(mesh):
     assert forged.status_code == 403
     from hearth.mesh.client import signed_headers
 
-    headers = signed_headers(a.key(), "tester", "GET", a.url + "/mesh/v1/state")
+    headers = signed_headers(a.key(), "tester", "GET", a.mesh_url + "/mesh/v1/state")
     assert a.signed("GET", "/mesh/v1/state", headers=headers).status_code == 200
     replay = a.signed("GET", "/mesh/v1/state", headers=headers)
     assert replay.status_code == 403 and "replayed" in replay.text
     # A signature for one path does not open another.
     body = json.dumps({"model": "x", "kind": "completion", "prompt": "hi"}).encode()
-    moved = signed_headers(a.key(), "tester", "POST", a.url + "/mesh/v1/embed", body)
+    moved = signed_headers(a.key(), "tester", "POST", a.mesh_url + "/mesh/v1/embed", body)
     assert a.signed("POST", "/mesh/v1/generate", body, headers=moved).status_code == 403
     log = a.log_text()
     for why in ("unsigned request", "bad signature", "replayed request"):
         assert re.search(rf"WARNING .*refused .* from {a.ns.address[:-1]}\d+: {why}", log), why
+
+
+def test_the_api_port_carries_no_mesh_request(mesh):
+    """Mesh requests (prompts, answers, state) travel only on the channel: on the API port, even a properly
+    signed one finds nothing, and the node's own view is for loopback only."""
+    import httpx
+
+    from hearth.mesh.client import signed_headers
+
+    a = mesh["A"]
+    body = json.dumps({"model": "x", "kind": "completion", "prompt": "hi"}).encode()
+    for method, path, content in (("POST", "/mesh/v1/generate", body), ("GET", "/mesh/v1/state", b""),
+                                  ("POST", "/mesh/v1/hello", b"{}")):
+        h = signed_headers(a.key(), "tester", method, a.url + path, content)
+        resp = httpx.request(method, a.url + path, content=content, headers=h, trust_env=False, timeout=5)
+        assert resp.status_code == 404, (path, resp.text)
+    resp = httpx.get(a.url + "/mesh/v1/peers", trust_env=False, timeout=5)
+    assert resp.status_code == 403 and "channel" in resp.text
+    assert a.signed("GET", "/mesh/v1/peers").json()["node"] == a.view()["node"]  # on the channel: yes
 
 
 def test_rogue_mdns_announcement_is_never_routed_to(mesh, lan):
@@ -112,10 +134,10 @@ def test_rogue_mdns_announcement_is_never_routed_to(mesh, lan):
             writer.write(b'HTTP/1.1 200 OK\\r\\ncontent-type: application/json\\r\\ncontent-length: 2\\r\\n\\r\\n{{}}')
             await writer.drain(); writer.close()
         async def main():
-            server = await asyncio.start_server(answer, "0.0.0.0", 8080)
+            server = await asyncio.start_server(answer, "0.0.0.0", 8081)
             zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
             info = AsyncServiceInfo(SERVICE_TYPE, "hearth-rogue." + SERVICE_TYPE, port=8080,
-                properties=txt_record({c['node']!r}, 8080, "00" * 16), server="hearth-rogue.local.",
+                properties=txt_record({c['node']!r}, 8080, "00" * 16, 8081), server="hearth-rogue.local.",
                 addresses=[socket.inet_aton({rogue_ns.address!r})])
             await zc.async_register_service(info)
             print("announced", flush=True)
@@ -129,7 +151,8 @@ def test_rogue_mdns_announcement_is_never_routed_to(mesh, lan):
         view = mesh[n].view()
         assert all(p["host"] != rogue_ns.address for p in view["peers"])
         assert "hearth-rogue" not in {p["name"] for p in view["peers"]}
-    assert re.search(rf"WARNING .*candidate http://{rogue_ns.address}:8080 refused", mesh["A"].log_text())
+    assert re.search(rf"WARNING .*candidate https://{rogue_ns.address}:8081 refused: household handshake",
+                     mesh["A"].log_text())
 
 
 def test_a_killed_node_is_dropped_within_5_s_and_a_restarted_one_is_back_within_2_s(mesh):
@@ -187,12 +210,12 @@ def test_join_code_is_checked_live_against_a_peer(mesh, tmp_path):
 
     a = mesh["A"]
     good = household.code_for(SECRET)
-    assert household.check_code_with_peer(good, a.url) is True
-    assert household.check_code_with_peer(household.code_for(bytes(32)), a.url) is False
+    assert household.check_code_with_peer(good, a.ns.address) is True  # the mesh port is the default one
+    assert household.check_code_with_peer(household.code_for(bytes(32)), a.ns.address) is False
     typo = good[:-1] + ("0" if good[-1] != "0" else "1")
     with pytest.raises(household.InvalidCode):
         household.check_code_with_peer(typo, "http://192.0.2.1:9")  # caught before any traffic
-    joined = household.join_via_peer(tmp_path, good, a.url)
+    joined = household.join_via_peer(tmp_path, good, a.mesh_url)
     assert joined.secret == SECRET
     with pytest.raises(household.HouseholdError, match="cannot reach"):
         household.check_code_with_peer(good, f"http://{a.ns.address}:9")

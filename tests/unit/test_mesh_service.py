@@ -60,7 +60,7 @@ def _node(tmp_path, name, upstreams, secret=SECRET):
         router.add_upstream(up)
     mesh = MeshService(cfg, router, household=household.Household(secret))
     app = FastAPI()
-    app.include_router(mesh.api_router())
+    app.include_router(mesh.mesh_router())
     return mesh, router, app
 
 
@@ -142,11 +142,15 @@ async def test_unreachable_peer_fails_before_the_first_token_and_the_router_fail
     await real_http.aclose()
 
 
-async def test_a_dropped_peer_ends_its_stream_at_once(tmp_path, free_port):
-    """Over a real socket (the ASGI transport buffers whole answers)."""
-    import uvicorn
+async def _serve_channel(mesh: MeshService, app: FastAPI) -> str:
+    """Serve *app* on *mesh*'s household channel on loopback; its https URL."""
+    mesh.channel.host, mesh.channel.port, mesh.channel.app = "127.0.0.1", 0, app
+    await mesh.channel.start()
+    return f"https://127.0.0.1:{mesh.channel.port}"
 
-    peer = Peer(node="p", name="hearth-p", url=f"http://127.0.0.1:{free_port}", host="h", source="manual")
+
+async def test_a_dropped_peer_ends_its_stream_at_once(tmp_path):
+    """Over the real channel (the ASGI transport buffers whole answers)."""
 
     class Slow(FakeUpstream):
         async def generate(self, request):
@@ -156,10 +160,8 @@ async def test_a_dropped_peer_ends_its_stream_at_once(tmp_path, free_port):
 
     b, _, app = _node(tmp_path, "hearth-b", [Slow("gem")])
     a, _, _ = _node(tmp_path, "hearth-a", [])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port, log_level="warning"))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
+    url = await _serve_channel(b, app)
+    peer = Peer(node=b.node, name="hearth-b", url=url, host="h", source="manual")
     client = MeshClient(a.identity, SECRET, a.name, 8080)
     try:
         stream = PeerUpstream(peer, "gem", client).generate(GenerationRequest(model="gem", kind="completion"))
@@ -170,8 +172,27 @@ async def test_a_dropped_peer_ends_its_stream_at_once(tmp_path, free_port):
         assert not e.value.before_first_token and "dropped" in e.value.message
     finally:
         await client.aclose()
-        server.should_exit = True
-        await serving
+        await b.channel.stop()
+
+
+async def test_an_answer_from_another_node_than_the_one_asked_is_refused(tmp_path):
+    """The household CA signed its certificate, but its key is not the node the request was meant for."""
+    b, _, app = _node(tmp_path, "hearth-b", [FakeUpstream("gem")])
+    a, _, _ = _node(tmp_path, "hearth-a", [])
+    url = await _serve_channel(b, app)
+    client = MeshClient(a.identity, SECRET, a.name, 8080)
+    try:
+        assert (await client.state(url, b.node))["node"] == b.node  # the right node: fine
+        with pytest.raises(PeerRefused, match=f"is {b.node}, not 00000000000000ff"):
+            await client.state(url, "00000000000000ff")
+        impostor = Peer(node="00000000000000ff", name="hearth-x", url=url, host="h", source="manual")
+        with pytest.raises(UpstreamError) as e:
+            async for _ in PeerUpstream(impostor, "gem", client).generate(GenerationRequest(model="gem", kind="completion")):
+                pass
+        assert e.value.before_first_token and "not 00000000000000ff" in e.value.message
+    finally:
+        await client.aclose()
+        await b.channel.stop()
 
 
 def test_parse_peer():
@@ -184,10 +205,10 @@ def test_parse_peer():
 def test_peer_url_from_what_a_person_types():
     from hearth.mesh.client import peer_url_of
 
-    assert peer_url_of("10.0.0.5") == "http://10.0.0.5:8080"
-    assert peer_url_of("hearth-7f3a.local:9000/") == "http://hearth-7f3a.local:9000"
-    assert peer_url_of("http://10.0.0.5:8081") == "http://10.0.0.5:8081"
-    assert peer_url_of("fe80::1") == peer_url_of("[fe80::1]") == "http://[fe80::1]:8080"
+    assert peer_url_of("10.0.0.5") == "https://10.0.0.5:8081"  # the mesh port, over TLS
+    assert peer_url_of("hearth-7f3a.local:9000/") == "https://hearth-7f3a.local:9000"
+    assert peer_url_of("http://10.0.0.5:9443") == "https://10.0.0.5:9443"
+    assert peer_url_of("fe80::1") == peer_url_of("[fe80::1]") == "https://[fe80::1]:8081"
 
 
 def test_rank_addresses_drops_our_own_and_prefers_a_shared_subnet():
