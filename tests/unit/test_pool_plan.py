@@ -272,3 +272,26 @@ async def test_manager_forms_serves_breaks_and_reforms(tmp_path: Path, fake_serv
     assert e.value.status == 503 and "pool" in e.value.message and "offers" in e.value.message
     await manager.stop()
     await serving.stop()
+
+
+# --- the daemon's glue ---------------------------------------------------------------------------------------
+
+
+async def test_node_takes_offers_only_from_live_peers_speaking_for_themselves(tmp_path: Path) -> None:
+    from hearth.daemon import Node
+    from hearth.pool.manager import PoolUnavailable
+
+    node = Node(Config().replace(**{"state.dir": str(tmp_path)}))
+    node.mesh = SimpleNamespace(node="me", name="hearth-me", peers={
+        "p1": SimpleNamespace(node="p1", alive=True, state={"pool": offer("p1", ("CPU", GIB, 5.0)).to_dict()}),
+        "p2": SimpleNamespace(node="p2", alive=False, state={"pool": offer("p2", ("CPU", GIB, 5.0)).to_dict()}),
+        "p3": SimpleNamespace(node="p3", alive=True, state={"pool": offer("px", ("CPU", GIB, 5.0)).to_dict()}),
+        "p4": SimpleNamespace(node="p4", alive=True, state={"pool": "junk"}),
+        "p5": SimpleNamespace(node="p5", alive=True, state={}),
+    })
+    assert [o.node for o in node.pool_offers()] == ["p1"]  # this node offers nothing (no rpc-server)
+    node.pool_devices = (Device("CPU", "ram", GIB, 9.0),)
+    own = node.pool_offers()[0]
+    assert own.node == "me" and not own.rpc_ready  # listed, but no pool uses it before its rpc-server is up
+    with pytest.raises(PoolUnavailable):  # no channel: a peer's rpc-server is never reached in the clear
+        await node.connect_member("p1")
