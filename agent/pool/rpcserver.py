@@ -47,7 +47,7 @@ class RpcServer:
 
     def __init__(self, port: int, devices: Sequence[str] = ("CPU",), *, state_dir: Path, threads: int = 0,
                  ram_limit: int = 0, binary: Path | None = None, backoff: Backoff | None = None,
-                 on_ready: Callable[[], None] | None = None) -> None:
+                 on_ready: Callable[[], None] | None = None, nice: int = NICE) -> None:
         self.port = port
         self.devices = tuple(devices)
         self.state_dir = state_dir
@@ -57,6 +57,7 @@ class RpcServer:
         self.binary = binary
         self.backoff = backoff or Backoff()
         self.on_ready = on_ready
+        self.nice = nice
         self.state = "stopped"
         """'starting', 'ready', 'restarting' or 'stopped'."""
         self.error: str | None = None
@@ -152,7 +153,7 @@ class RpcServer:
         """Lower the server's CPU priority and cap its memory, right after it started (before it allocates:
         an idle rpc-server holds nothing until a pool's head asks)."""
         with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, pid, NICE)
+            os.setpriority(os.PRIO_PROCESS, pid, self.nice)
         if self.ram_limit:
             ceiling = self.ram_limit + IN_FLIGHT_SLACK
             try:
