@@ -139,8 +139,11 @@ class PooledModel:
         """For /health and ``hearth status``."""
         members = [{"node": s.node, "name": s.name, "device": s.device, "layers": s.layers, "output": s.output,
                     "bytes": s.bytes} for s in (self.plan.shares if self.plan else ())]
+        # What crossed the channel to each peer member (a channel Forward counts it; the head's own member
+        # is on loopback and counts nothing).
+        moved = sum(int(getattr(ep, "bytes_in", 0)) + int(getattr(ep, "bytes_out", 0)) for ep in self.endpoints)
         return {"state": self.state, "reason": self.reason if self.state != "ready" else "",
-                "members": members, "formed": self.formed}
+                "members": members, "formed": self.formed, "channel_bytes": moved}
 
 
 class PoolManager:
