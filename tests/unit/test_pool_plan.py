@@ -295,3 +295,22 @@ async def test_node_takes_offers_only_from_live_peers_speaking_for_themselves(tm
     assert own.node == "me" and not own.rpc_ready  # listed, but no pool uses it before its rpc-server is up
     with pytest.raises(PoolUnavailable):  # no channel: a peer's rpc-server is never reached in the clear
         await node.connect_member("p1")
+
+
+def test_a_model_too_big_for_the_node_is_run_across_the_pool(tmp_path: Path) -> None:
+    from hearth.daemon import Node
+    from hearth.select import ModelTooBig
+
+    store = tmp_path / "models"
+    store.mkdir()
+    write_gguf(store / "big.gguf")
+    too_big = ModelTooBig("big needs 40 GiB; this node has 15.2 GiB free RAM")
+    node = Node(Config().replace(**{"state.dir": str(tmp_path), "model.name": "big", "model.context": 2048}))
+    assert node._pool_instead(too_big) and node.error is None
+    [(name, path, options)] = node.pool_wanted
+    assert name == "big" and path == store / "big.gguf" and options["context"] == 2048
+    # With the pool off, or the file missing, it stays what it was: a node that cannot serve its model.
+    off = Node(Config().replace(**{"state.dir": str(tmp_path), "model.name": "big", "pool.enabled": False}))
+    assert not off._pool_instead(too_big)
+    missing = Node(Config().replace(**{"state.dir": str(tmp_path), "model.name": "other"}))
+    assert missing._pool_instead(too_big) and "must be in the store" in (missing.error or "")
