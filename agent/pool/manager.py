@@ -203,7 +203,10 @@ class PoolManager:
                 continue
             said = ""
             log.warning("pool: %s re-forms: %s", pm.name, why)
+            served = pm.state == "ready"
             pm.state, pm.reason = "waiting", why
+            if not served:  # it broke before it ever served: do not spin on a pool that cannot load
+                await asyncio.sleep(self.retry_s * 5)
 
     async def _serve(self, pm: PooledModel) -> str:
         """Connect to the plan's members, run the pooled llama-server until the pool breaks; returns why."""
