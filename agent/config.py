@@ -228,6 +228,8 @@ class PoolSettings:
                             check_port)
     threads: int = setting(0, "CPU threads rpc-server computes pool work with; 0 means half the cores.",
                            in_range(0, 1024))
+    nice: int = setting(10, "CPU priority of pool work (nice, 0-19): above 0, this node's own model comes first.",
+                        in_range(0, 19))
     serve: tuple[str, ...] = setting((), "Models this node runs across the household pool (catalogue names or GGUF "
                                          "files in the store), besides its own; a named model too big for this "
                                          "node is pooled without being listed.")
