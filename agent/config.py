@@ -213,6 +213,29 @@ class MeshSettings:
 
 
 @dataclass(frozen=True)
+class PoolSettings:
+    """The household pool: one model across several nodes, through llama.cpp's RPC (README "Pooling")."""
+
+    enabled: bool = setting(True, "Offer this node's spare memory to the household pool (an rpc-server on loopback, "
+                                  "reached only through the mesh's channel).")
+    max_ram_mib: int = setting(0, "Most RAM offered to the pool, in MiB; 0 means all that is left after this node's "
+                                  "own model and pool.reserve_mib.", in_range(0, 1 << 24))
+    max_vram_mib: int = setting(0, "Most VRAM offered per GPU, in MiB; 0 means all that is left after this node's "
+                                   "own model and pool.reserve_mib.", in_range(0, 1 << 24))
+    reserve_mib: int = setting(2048, "Memory kept out of the pool on top of this node's own model (its apps, "
+                                     "its model's growth), in MiB.", in_range(0, 1 << 24))
+    rpc_port: int = setting(50052, "Loopback port of this node's rpc-server (never reachable from the LAN).",
+                            check_port)
+    threads: int = setting(0, "CPU threads rpc-server computes pool work with; 0 means half the cores.",
+                           in_range(0, 1024))
+    nice: int = setting(10, "CPU priority of pool work (nice, 0-19): above 0, this node's own model comes first.",
+                        in_range(0, 19))
+    serve: tuple[str, ...] = setting((), "Models this node runs across the household pool (catalogue names or GGUF "
+                                         "files in the store), besides its own; a named model too big for this "
+                                         "node is pooled without being listed.")
+
+
+@dataclass(frozen=True)
 class LogSettings:
     """Logging."""
 
@@ -269,6 +292,7 @@ class Config:
     state: StateSettings = field(default_factory=StateSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     mesh: MeshSettings = field(default_factory=MeshSettings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
     log: LogSettings = field(default_factory=LogSettings)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     network: NetworkSettings = field(default_factory=NetworkSettings)

@@ -259,6 +259,14 @@ def probe_hardware() -> Any:
         return None
 
 
+class _MemoryOnly:
+    """A stand-in hardware report with only the available RAM (the probe failed or is not installed)."""
+
+    def __init__(self, available: int) -> None:
+        self.memory_available = available
+        self.llama_cpp = None
+
+
 # --- the node -------------------------------------------------------------------------------------------
 
 
@@ -287,6 +295,14 @@ class Node:
         self.stand_in: tuple[str, str] | None = None
         """(model name, its warning) of a stored model served until the pending one has arrived."""
         self._switching: asyncio.Future[None] | None = None
+        self.rpc: Any = None
+        """This node's rpc-server (hearth.pool.rpcserver.RpcServer) while it offers memory to the pool."""
+        self.pool_devices: tuple[Any, ...] = ()
+        """What it offers (hearth.pool.capacity.Device), after its own model and the reserve."""
+        self.pooling: Any = None
+        """The models it runs across the pool (hearth.pool.manager.PoolManager), once there are any."""
+        self.pool_wanted: list[tuple[str, Path, dict[str, Any]]] = []
+        """(name, file, options) of the models to run across the pool, found at start."""
 
     async def start_models(self) -> None:
         """Probe the hardware, choose the model and start its worker (loading goes on in the background)."""
@@ -300,9 +316,12 @@ class Node:
             # The model is named by its file: serve it now, keep the report for /hearth/v1/hardware and
             # the offload check when it comes.
             probing.add_done_callback(self._got_report)
+        self._want_pooled()
         try:
             chosen = await asyncio.to_thread(resolve_model, self.config, self.report)
         except HearthError as e:
+            if self._pool_instead(e):
+                return
             if not await self._plan_fetch(e):
                 self.error = e.message + (f" ({e.hint})" if e.hint else "")
                 log.error("%s", self.error)
@@ -311,6 +330,42 @@ class Node:
             log.info("model.name is 'none': this node serves no model itself")
             return
         self._serve(*chosen)
+
+    def _want_pooled(self) -> None:
+        """The models ``pool.serve`` names, with their files (a model not in the store is a warning)."""
+        for name in self.config.pool.serve:
+            try:
+                path = find_model_file(self.config, name)
+            except HearthError as e:
+                self.warnings.append(f"pool: {e.message}" + (f" ({e.hint})" if e.hint else ""))
+                continue
+            self.pool_wanted.append((Path(path).stem if "/" in name else name, Path(path), self._pool_options()))
+
+    def _pool_instead(self, error: HearthError) -> bool:
+        """The model this node should serve is too big for it: run it across the pool instead when the pool
+        is on and the file is here (this node, the pool's head, loads it and sends the members their layers)."""
+        try:
+            from .select import ModelTooBig
+        except ImportError:
+            return False
+        name = self.config.model.name.strip()
+        if not isinstance(error, ModelTooBig) or not self.config.pool.enabled or not self.config.mesh.enabled:
+            return False
+        try:
+            path = find_model_file(self.config, name)
+        except HearthError as e:
+            self.error = f"{error.message}; to run it across the household pool it must be in the store: {e.message}"
+            log.error("%s", self.error)
+            return True
+        log.info("model: %s; running it across the household pool", error.message)
+        if all(n != name for n, _, _ in self.pool_wanted):
+            self.pool_wanted.append((name, Path(path), self._pool_options()))
+        return True
+
+    def _pool_options(self) -> dict[str, Any]:
+        options = _base_options(self.config)
+        options.update(context=self.config.model.context or 4096, slots=self.config.model.slots or 1)
+        return options
 
     async def _plan_fetch(self, missing: HearthError) -> bool:
         """The chosen model is not in the store: plan its download (or, for ``auto``, serve a stored model
@@ -470,6 +525,107 @@ class Node:
                 self.warnings.append(warning)
                 log.warning("%s", warning)
 
+    async def start_pool_server(self) -> None:
+        """Offer what memory this node can spare to the household pool: measure, then start rpc-server."""
+        if not self.config.pool.enabled or not self.config.mesh.enabled:
+            return
+        try:
+            from .pool.capacity import measure_bandwidth, offer_devices
+            from .pool.rpcserver import RpcServer
+        except ImportError:
+            return
+        if self.report is None and self._probe is not None:
+            with contextlib.suppress(Exception):
+                self.report = await self._probe
+        need, device = await asyncio.to_thread(self._own_need)
+        bandwidth = await asyncio.to_thread(measure_bandwidth)
+        report = self.report or _MemoryOnly(_available_memory())
+        self.pool_devices = offer_devices(self.config, report, need, device, bandwidth)
+        if not self.pool_devices:
+            log.info("pool: this node offers no memory (its own model and pool.reserve_mib take it all)")
+            return
+        ram = sum(d.bytes for d in self.pool_devices if d.kind == "ram")
+        self.rpc = RpcServer(self.config.pool.rpc_port, [d.name for d in self.pool_devices],
+                             state_dir=self.state_dir, threads=self.config.pool.threads, ram_limit=ram,
+                             on_ready=self._expose_rpc, nice=self.config.pool.nice)
+        self.rpc.start()
+        log.info("pool: offering %s (%.1f GB/s measured)", ", ".join(
+            f"{d.bytes / (1 << 30):.1f} GiB {d.kind} on {d.name}" for d in self.pool_devices), bandwidth)
+
+    def _own_need(self) -> tuple[int, str]:
+        """Bytes this node's own model needs (hearth.select's estimate and margin) and where ('cpu', 'gpu'...)."""
+        if self.config.model.name.strip() == "none":
+            return 0, "cpu"
+        if self.report is not None:
+            with contextlib.suppress(Exception):
+                from . import select
+
+                choice = select.select(self.report, self.config)
+                if choice is not None:
+                    return choice.estimate.total, choice.device
+        for up in self.pool.upstreams.values():
+            with contextlib.suppress(OSError):
+                return up.worker.spec.model_path.stat().st_size + (1 << 30), "cpu"
+        return 0, "cpu"
+
+    def _expose_rpc(self) -> None:
+        channel = getattr(self.mesh, "channel", None)
+        if channel is not None and self.rpc is not None:
+            channel.expose("rpc", self.rpc.port)
+
+    def pool_state(self) -> dict[str, Any]:
+        """What this node publishes under 'pool' in its mesh state (hearth.pool.capacity.Offer)."""
+        from .pool.capacity import Offer
+
+        node = self.mesh.node if self.mesh is not None else "local"
+        name = self.mesh.name if self.mesh is not None else node
+        ready = self.rpc is not None and self.rpc.ready.is_set()
+        serving = self.pooling.ready() if self.pooling is not None else ()
+        return Offer(node, name, tuple(self.pool_devices), ready, tuple(serving)).to_dict()
+
+    def pool_offers(self) -> list[Any]:
+        """Every offer the pool may use now: this node's and each live peer's."""
+        from .pool.capacity import Offer
+
+        offers = []
+        own = Offer.from_dict(self.pool_state())
+        if own is not None and own.devices:
+            offers.append(own)
+        if self.mesh is not None:
+            for peer in list(self.mesh.peers.values()):
+                offer = Offer.from_dict(peer.state.get("pool")) if peer.alive else None
+                if offer is not None and offer.node == peer.node and offer.devices:
+                    offers.append(offer)
+        return offers
+
+    async def connect_member(self, node: str) -> Any:
+        """A loopback endpoint for *node*'s rpc-server: this node's own, or a forward through the channel."""
+        from .pool.manager import LocalEndpoint, PoolUnavailable
+
+        own = self.mesh.node if self.mesh is not None else "local"
+        if node == own and self.rpc is not None:
+            return LocalEndpoint(self.rpc.address)
+        channel = getattr(self.mesh, "channel", None)
+        if channel is None:
+            raise PoolUnavailable("the mesh's encrypted channel is not running (ggml's RPC never travels in "
+                                  "the clear)")
+        return await channel.forward(node, "rpc")
+
+    def start_pooling(self) -> None:
+        """Expose this node's rpc-server to the household through the channel, and run the wanted models
+        across the pool (each forms as soon as the household offers enough)."""
+        self._expose_rpc()
+        if not self.pool_wanted or self.mesh is None:
+            if self.pool_wanted:
+                self.warnings.append("pool: the mesh is off, so no model can run across the household pool")
+            return
+        from .pool.manager import PoolManager
+
+        self.pooling = PoolManager(self.pool, self.routing, self.pool_offers, self.connect_member,
+                                   self_node=self.mesh.node)
+        for name, path, options in self.pool_wanted:
+            self.pooling.keep(name, path, **options)
+
     async def start_mesh(self) -> None:
         """Join the household mesh when it is enabled and set up; otherwise say why not."""
         if not self.config.mesh.enabled:
@@ -479,7 +635,8 @@ class Node:
         except ImportError:
             return
         try:
-            mesh = MeshService(self.config, router=self.routing, local_upstreams=self.local_upstreams)
+            mesh = MeshService(self.config, router=self.routing, local_upstreams=self.local_upstreams,
+                               pool_state=self.pool_state)
             self.extra_routers.append(mesh.api_router())
             await mesh.start()
         except HearthError as e:
@@ -504,6 +661,9 @@ class Node:
                             "tools": w.info.get("tools"),
                             "tokens_per_second": round(load.tokens_per_second, 1),
                             "offload": w.info.get("offload")}
+            members = getattr(up, "members", ())  # a model run across the household pool (hearth.pool)
+            if members:
+                models[name]["pool"] = list(members)
         states = [m["state"] for m in models.values()]
         if self.error:
             status = "error"
@@ -531,6 +691,11 @@ class Node:
                 "peers": len(self.mesh.peers) if self.mesh is not None else 0}
         if download is not None:
             body["download"] = download
+        if self.rpc is not None or self.pooling is not None:
+            pooled = self.pooling.status() if self.pooling is not None else {}
+            warnings += [f"pool: {n} waits: {p['reason']}" for n, p in pooled.items() if p["state"] == "waiting"]
+            body["pool"] = {"offer": self.pool_state(), "rpc_server": self.rpc.state if self.rpc else "off",
+                            "models": pooled}
         return body
 
     def metrics(self) -> dict[str, float]:
@@ -554,6 +719,10 @@ class Node:
             self._switching.cancel()
         if self.acquisition is not None:
             await self.acquisition.stop()
+        if self.pooling is not None:
+            await self.pooling.stop()
+        if self.rpc is not None:
+            await self.rpc.stop(timeout)
         if self.mesh is not None:
             try:
                 await asyncio.wait_for(self.mesh.stop(), timeout)
@@ -606,7 +775,9 @@ class Agent:
             raise StartupError(f"cannot create the state directory {self.config.state.dir}: {e}",
                                hint="run as root or set state.dir in hearth.yaml") from None
         await self.node.start_models()
+        await self.node.start_pool_server()
         await self.node.start_mesh()
+        self.node.start_pooling()
         with contextlib.suppress(ImportError):
             from .hardware.api import router as hardware_router
 

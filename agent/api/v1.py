@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import struct
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -26,9 +27,16 @@ async def list_models(request: Request) -> Response:
     """OpenAI's model list."""
     st = api_state(request)
     created = int(st.started)
-    data = [{"id": m.name, "object": "model", "created": created, "owned_by": "hearth"}
-            for m in st.runtime.router.models()]
+    data = [_model_object(m, created) for m in st.runtime.router.models()]
     return JSONResponse({"object": "list", "data": data})
+
+
+def _model_object(m: Any, created: int) -> dict[str, Any]:
+    """OpenAI's model object; a model run across the household pool also names its members ("pool")."""
+    obj: dict[str, Any] = {"id": m.name, "object": "model", "created": created, "owned_by": "hearth"}
+    if getattr(m, "pool", ()):
+        obj["pool"] = list(m.pool)
+    return obj
 
 
 @router.get("/v1/models/{model:path}", summary="One model")
@@ -37,7 +45,7 @@ async def get_model(model: str, request: Request) -> Response:
     st = api_state(request)
     for m in st.runtime.router.models():
         if m.name == model:
-            return JSONResponse({"id": m.name, "object": "model", "created": int(st.started), "owned_by": "hearth"})
+            return JSONResponse(_model_object(m, int(st.started)))
     raise ApiError(404, f"model '{model}' is not served by this household", param="model",
                    code="model_not_found")
 

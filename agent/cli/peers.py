@@ -49,12 +49,26 @@ def run(args: argparse.Namespace) -> int:
     for p in view["peers"]:
         seen = f"{now - p['last_seen']:.0f}s ago" if p.get("last_seen") else "never"
         load = f"{p.get('queued', 0)}/{p.get('capacity', 0)}"
-        rows.append((p["name"], p["host"], ", ".join(p.get("models") or []) or "-", load, seen))
+        rows.append((p["name"], p["host"], _models_text(p), load, _pool_text(p.get("pool")), seen))
     if not rows:
         print(f"{view['name']} sees no peers (household {view['household']})")
         return 0
-    print_table(("name", "ip", "models", "load", "last seen"), rows)
+    print_table(("name", "ip", "models", "load", "pool", "last seen"), rows)
     return 0
+
+
+def _models_text(peer: dict[str, Any]) -> str:
+    """The peer's models; a pooled one with its members: 'qwen2.5-32b (pool: a + b)'."""
+    pooled = (peer.get("pool") or {}).get("pooled") or {}
+    names = [f"{m} (pool: {' + '.join(pooled[m])})" if m in pooled else m for m in peer.get("models") or []]
+    return ", ".join(names) or "-"
+
+
+def _pool_text(pool: Any) -> str:
+    """What the peer offers the household pool: '3.1 GiB' (or '-')."""
+    if not isinstance(pool, dict) or not pool.get("offered"):
+        return "-"
+    return f"{pool['offered'] / (1 << 30):.1f} GiB" + ("" if pool.get("ready") else " (starting)")
 
 
 def _copy(args: argparse.Namespace, cfg: Any, view: dict[str, Any]) -> int:

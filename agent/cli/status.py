@@ -62,17 +62,37 @@ def _print(health: dict[str, Any], models: dict[str, Any], api_url: str) -> None
                 line += f", {_offload_text(info['offload'])}"
             if info.get("restarts"):
                 line += f", {info['restarts']} restarts"
+        if isinstance(info, dict) and info.get("pool"):
+            line += ", across " + " + ".join(info["pool"])
         rows.append(("model", f"{name} ({line.strip(', ')})" if line else name))
     served = [m["id"] for m in models.get("data", []) if m["id"] not in local]
     if served:
         rows.append(("household", ", ".join(served)))
     if health.get("peers"):
         rows.append(("peers", str(health["peers"])))
+    rows += _pool_rows(health.get("pool"))
     for warning in health.get("warnings") or ():
         rows.append(("warning", str(warning)))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key.ljust(width)}  {value}")
+
+
+def _pool_rows(pool: Any) -> list[tuple[str, str]]:
+    """'pool offer  3.1 GiB on CPU (rpc-server ready)' and one 'pooled' row per model run across the pool."""
+    if not isinstance(pool, dict):
+        return []
+    rows = []
+    devices = (pool.get("offer") or {}).get("devices") or []
+    if devices:
+        offered = ", ".join(f"{d['bytes'] / (1 << 30):.1f} GiB on {d['name']}" for d in devices)
+        rows.append(("pool offer", f"{offered} (rpc-server {pool.get('rpc_server', 'off')})"))
+    for name, pm in (pool.get("models") or {}).items():
+        members = ", ".join(f"{m['name']} {m['layers']} layers{' + output' if m.get('output') else ''}"
+                            for m in pm.get("members") or [])
+        detail = members if pm.get("state") == "ready" else f"{pm.get('state')}: {pm.get('reason')}"
+        rows.append(("pooled", f"{name} ({detail})"))
+    return rows
 
 
 def _offload_text(offload: Any) -> str:

@@ -16,6 +16,7 @@ from ..serving.types import (
     Event,
     Finished,
     GenerationRequest,
+    ModelInfo,
     QueueFull,
     TokenChunk,
     UpstreamError,
@@ -67,7 +68,18 @@ class Peer:
                 "models": self.loaded_models(), "files": sorted({n for f in self.state.get("files", ()) for n in (f.get("name"), f.get("file")) if n}),
                 "queued": self.state.get("queued", 0), "capacity": self.state.get("capacity", 0),
                 "version": self.state.get("version", ""), "last_seen": self.last_seen,
-                "age_s": round(time.time() - self.last_seen, 1) if self.last_seen else None, "alive": self.alive}
+                "age_s": round(time.time() - self.last_seen, 1) if self.last_seen else None, "alive": self.alive,
+                "pool": self.pool_summary()}
+
+    def pool_summary(self) -> dict[str, Any]:
+        """What the peer offers the household pool and the pooled models it runs: {offered, devices, pooled}."""
+        raw = self.state.get("pool")
+        offer = raw if isinstance(raw, dict) else {}
+        devices = [d for d in offer.get("devices") or () if isinstance(d, dict)]
+        pooled = {m.get("name"): m.get("pool") for m in self.state.get("models", ()) if isinstance(m, dict) and m.get("pool")}
+        return {"offered": sum(int(d.get("bytes") or 0) for d in devices),
+                "devices": [str(d.get("name")) for d in devices], "ready": bool(offer.get("rpc_ready")),
+                "pooled": pooled}
 
 
 class PeerUpstream:
@@ -92,6 +104,13 @@ class PeerUpstream:
         queued = max(int(m.get("queued", 0)), self.inflight)
         return UpstreamLoad(queued=queued, capacity=int(m.get("capacity", 1)),
                             tokens_per_second=float(m.get("tokens_per_second", 0.0)), loaded=bool(m.get("loaded")))
+
+    def info(self) -> ModelInfo:
+        """What /v1/models says about the peer's model (a pooled one with its members)."""
+        m = self.peer.model_state(self.model) or {}
+        pool = m.get("pool")
+        return ModelInfo(name=self.model, nodes=(self.node,), loaded=bool(m.get("loaded")),
+                         pool=tuple(str(p) for p in pool) if isinstance(pool, list) else ())
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Stream from the peer. Before the first token every failure says before_first_token=True (so the

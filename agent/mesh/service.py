@@ -89,7 +89,8 @@ class MeshService:
                  local_upstreams: Callable[[], list[Upstream]] | None = None,
                  identity: identity_mod.Identity | None = None,
                  household: household_mod.Household | None = None,
-                 interfaces: list[str] | None = None) -> None:
+                 interfaces: list[str] | None = None,
+                 pool_state: Callable[[], dict[str, Any]] | None = None) -> None:
         self.config = config
         self.router = router
         self.identity = identity or identity_mod.load_or_create(config.state.dir)
@@ -107,6 +108,8 @@ class MeshService:
         """This node's end of the household channel (mutual TLS): node-to-node requests and tunnels."""
         self.interfaces = interfaces
         self._local_upstreams = local_upstreams
+        self._pool_state = pool_state
+        """What this node offers the household pool (hearth.pool.capacity.Offer.to_dict), published as 'pool'."""
         self.client: MeshClient | None = None
         self.candidates: dict[str, _Candidate] = {}
         self.peers: dict[str, Peer] = {}
@@ -389,13 +392,19 @@ class MeshService:
                 continue
             queued += load.queued
             capacity += load.capacity
-            models.append({"name": up.model, "loaded": load.loaded, "queued": load.queued, "capacity": load.capacity,
-                           "tokens_per_second": load.tokens_per_second})
+            entry = {"name": up.model, "loaded": load.loaded, "queued": load.queued, "capacity": load.capacity,
+                     "tokens_per_second": load.tokens_per_second}
+            info = getattr(up, "info", None)
+            pool = getattr(info(), "pool", ()) if callable(info) else ()
+            if pool:
+                entry["pool"] = list(pool)  # a model this node runs across the household pool: its members
+            models.append(entry)
         files = [{"name": m.name, "file": m.file, "size": m.size} for m in self.stored_models()]
         return {"node": self.node, "name": self.name, "version": hearth_version, "protocol": PROTOCOL_VERSION,
                 "api_port": self.api_port, "mesh_port": self.channel.port, "models": models, "files": files, "queued": queued,
                 "capacity": capacity, "uptime_s": round(time.time() - self.started_at, 1),
-                "peers": sorted(p.url for p in self.peers.values() if p.alive)}
+                "peers": sorted(p.url for p in self.peers.values() if p.alive),
+                "pool": self._pool_state() if self._pool_state is not None else {}}
 
     def view(self) -> dict[str, Any]:
         """This node's view of the mesh (the /mesh/v1/peers answer)."""

@@ -328,3 +328,43 @@ def model_facts(path: str | os.PathLike[str]) -> ModelFacts:
     p = Path(path)
     meta = read_metadata(p)
     return facts_from_metadata(meta, str(p), p.stat().st_size)
+
+
+def tensor_sizes(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Bytes of every tensor's data in a GGUF file, by tensor name (read from the tensor index only).
+
+    Each tensor's size is the distance to the next tensor's data (the last one's, to the end of the file),
+    so no table of quantization block sizes is needed; alignment padding counts with the tensor before it.
+    The pool splits a model by these figures (hearth.pool.plan)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            r = _Reader(f, p)
+            h = _read_header(r)
+            alignment = 32
+            for _ in range(h.kv_count):
+                key = r.string("key")
+                value = _value(r, r.unpack("I"), key)
+                if key == "general.alignment" and isinstance(value, int) and value > 0:
+                    alignment = value
+            offsets: list[tuple[int, str]] = []
+            for _ in range(h.tensor_count):
+                name = r.string("tensor name")
+                n_dims = r.unpack("I")
+                if n_dims > 8:
+                    raise NotGGUFError(f"{p}: corrupt GGUF tensor index ({name!r} has {n_dims} dimensions)")
+                for _ in range(n_dims):
+                    r.unpack("Q")
+                r.unpack("I")  # the tensor's type
+                offsets.append((r.unpack("Q"), name))
+            here = f.tell() - (len(r.buf) - r.pos)
+            data_start = (here + alignment - 1) // alignment * alignment
+            end = f.seek(0, os.SEEK_END)
+    except OSError as e:
+        raise NotGGUFError(f"{p}: cannot read: {e.strerror or e}") from None
+    offsets.sort()
+    sizes: dict[str, int] = {}
+    for i, (offset, name) in enumerate(offsets):
+        nxt = offsets[i + 1][0] if i + 1 < len(offsets) else end - data_start
+        sizes[name] = max(0, nxt - offset)
+    return sizes

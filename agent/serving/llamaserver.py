@@ -85,6 +85,17 @@ class ServerSpec:
     """llama-server to run; None means the runtime's (hearth.llamacpp.server_binary())."""
     command: tuple[str, ...] = ()
     """Run this program instead of llama-server, with the same flags (tests use a fake server)."""
+    repack: bool = True
+    """llama.cpp's CPU weight repacking (faster interleaved kernels). rpc-server's plain CPU buffers never
+    repack, so a reference run that must compute exactly like a pool turns it off."""
+    rpc: tuple[str, ...] = ()
+    """A pooled model (hearth.pool): the members' rpc-server endpoints (loopback addresses, through the
+    mesh's channel for peers)."""
+    rpc_devices: tuple[int, ...] = ()
+    """The RPC devices to use, in the plan's order: llama.cpp numbers every device of those rpc-servers
+    RPC0, RPC1, ... in endpoint order."""
+    tensor_split: tuple[int, ...] = ()
+    """Layers per device of rpc_devices (the output layer counting as one on the last), hearth.pool.plan's."""
 
     def context_per_slot(self) -> int:
         """The context each slot holds."""
@@ -126,6 +137,11 @@ class Flag:
 
 FLAGS: tuple[Flag, ...] = (
     Flag("--model", lambda s: s.model_path, "the GGUF file"),
+    Flag("--rpc", lambda s: ",".join(s.rpc) or None, "a pooled model: the members' rpc-servers (before --device)"),
+    Flag("--device", lambda s: ",".join(f"RPC{i}" for i in s.rpc_devices) if s.rpc else None,
+         "a pooled model: only the members' devices, in the plan's order (never this node's own GPU unasked)"),
+    Flag("--tensor-split", lambda s: ",".join(map(str, s.tensor_split)) if s.rpc and s.tensor_split else None,
+         "a pooled model: layers per member device"),
     Flag("--host", lambda s: s.socket_path, "a Unix socket (the path ends in .sock): no TCP port at all"),
     Flag("--ctx-size", lambda s: s.context_per_slot() * max(1, s.slots), "context of all slots together"),
     Flag("--parallel", lambda s: max(1, s.slots), "slots served at once, with continuous batching"),
@@ -141,6 +157,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--batch-size", lambda s: s.context_per_slot() if s.embedding else None,
          "an embedding model reads each input in one batch: any input that fits the context"),
     Flag("--ubatch-size", lambda s: s.context_per_slot() if s.embedding else None, "the same, physically"),
+    Flag("--no-repack", lambda s: not s.repack, "plain CPU kernels, as a pool's rpc-servers compute"),
     Flag("--no-webui", lambda s: True, "Hearth serves its own page"),
     Flag("--metrics", lambda s: True, "Prometheus counters at /metrics"),
     Flag("--slots", lambda s: True, "slot states at /slots"),

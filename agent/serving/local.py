@@ -394,8 +394,10 @@ class Pool:
         self.queue_depth = queue_depth
         self.upstreams: dict[str, ServerUpstream] = {}
 
-    def add(self, name: str, model_path: Path, **options: Any) -> ServerUpstream:
-        """Start supervising a llama-server for *model_path* served as *name*."""
+    def add(self, name: str, model_path: Path, upstream_type: type[ServerUpstream] | None = None,
+            **options: Any) -> ServerUpstream:
+        """Start supervising a llama-server for *model_path* served as *name* (through *upstream_type*,
+        ServerUpstream unless told: hearth.pool gives its own)."""
         facts = gguf_facts(Path(model_path))
         options.setdefault("embedding", bool(facts.get("embedding")))
         if not options.get("chat_format"):
@@ -404,7 +406,7 @@ class Pool:
         spec = ServerSpec(name=name, model_path=Path(model_path), socket_path=self.socket_for(name),
                           **{k: v for k, v in options.items() if k in known})
         server = ServerProcess(spec)
-        upstream = ServerUpstream(server, queue_depth=self.queue_depth)
+        upstream = (upstream_type or ServerUpstream)(server, queue_depth=self.queue_depth)
         self.upstreams[name] = upstream
         server.start()
         return upstream

@@ -107,7 +107,8 @@ class Router:
                 name=base.name, nodes=nodes, loaded=old.loaded or info.loaded,
                 context_length=base.context_length or other.context_length,
                 size_bytes=base.size_bytes or other.size_bytes, can_embed=base.can_embed or other.can_embed,
-                family=base.family or other.family, quantization=base.quantization or other.quantization)
+                family=base.family or other.family, quantization=base.quantization or other.quantization,
+                tools=base.tools or other.tools, slots=base.slots or other.slots, pool=base.pool or other.pool)
         return sorted(merged.values(), key=lambda m: m.name)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:

@@ -124,6 +124,8 @@ class Agent:
     threads: int = 1
     store: tuple[Path, ...] = ()
     """GGUF files linked into its model store before it starts."""
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """More settings by section (say {"pool": {"max_ram_mib": 300}}), over the ones above."""
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -151,12 +153,15 @@ class Agent:
         from hearth.mesh import household
 
         self.state.mkdir(parents=True, exist_ok=True)
-        cfg = config_mod.from_dict({
+        data: dict[str, dict[str, Any]] = {
             "node": {"name": self.name}, "api": {"host": "0.0.0.0", "port": PORT},
             "state": {"dir": str(self.state)},
             "model": {"name": self.model, "threads": self.threads, "context": 1024, "chat_format": "gemma"},
             "mesh": {"port": MESH_PORT, "discovery": self.discovery, "peers": list(self.peers)},
-            "log": {"level": "info"}})
+            "log": {"level": "info"}}
+        for section, values in self.settings.items():
+            data.setdefault(section, {}).update(values)
+        cfg = config_mod.from_dict(data)
         config_mod.save(cfg, self.config_path)
         models = self.state / "models"
         models.mkdir(exist_ok=True)

@@ -1,0 +1,223 @@
+"""This node's llama.cpp ``rpc-server``: the memory and compute it lends to household pools.
+
+ggml's RPC protocol has no authentication and no encryption (anyone who reaches the port reads and writes
+the process's memory), so the server binds 127.0.0.1 only; peers reach it through the mesh's channel,
+which lets authenticated household members in and nobody else. Started with the agent (an idle
+rpc-server holds no model memory: a pool's head allocates what it needs), supervised like llama-server
+(restart with backoff), with:
+
+- ``-c``: llama.cpp's tensor cache under the state directory (``<state>/pool/cache/rpc``), so a share
+  that came over the network once is read from this node's disk the next time a pool forms;
+- a hard memory ceiling (RLIMIT_DATA at the RAM offered plus room for one tensor in flight) and a lower
+  CPU priority (nice 10), so pool work cannot take what the node's own model needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import resource
+import signal
+import socket
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..serving.llamaserver import Backoff
+
+log = logging.getLogger(__name__)
+
+NICE = 10
+"""CPU priority of pool work: under contention the node's own llama-server (nice 0) gets ~10x the CPU."""
+IN_FLIGHT_SLACK = 1 << 30
+"""Room above the RAM offer: rpc-server holds one whole tensor in a receive buffer while it loads it,
+plus its own code and the backends' state."""
+
+
+def cache_dir(state_dir: Path) -> Path:
+    """Where llama.cpp's RPC tensor cache lives (rpc-server appends ``rpc/``)."""
+    return state_dir / "pool" / "cache"
+
+
+class RpcServer:
+    """One supervised rpc-server on 127.0.0.1:*port* exposing *devices* (llama.cpp names: CPU, Vulkan0)."""
+
+    def __init__(self, port: int, devices: Sequence[str] = ("CPU",), *, state_dir: Path, threads: int = 0,
+                 ram_limit: int = 0, binary: Path | None = None, backoff: Backoff | None = None,
+                 on_ready: Callable[[], None] | None = None, nice: int = NICE) -> None:
+        self.port = port
+        self.devices = tuple(devices)
+        self.state_dir = state_dir
+        self.threads = threads
+        self.ram_limit = ram_limit
+        """Bytes of RAM offered (0: no ceiling set)."""
+        self.binary = binary
+        self.backoff = backoff or Backoff()
+        self.on_ready = on_ready
+        self.nice = nice
+        self.state = "stopped"
+        """'starting', 'ready', 'restarting' or 'stopped'."""
+        self.error: str | None = None
+        self.restarts = 0
+        self.pid: int | None = None
+        self.ready = asyncio.Event()
+        self.log_tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        """'127.0.0.1:PORT', what a local llama-server puts in ``--rpc``."""
+        return f"127.0.0.1:{self.port}"
+
+    def argv(self) -> list[str]:
+        """rpc-server's command line (its flags: -H host, -p port, -t threads, -d devices, -c cache)."""
+        if self.binary is not None:
+            program = str(self.binary)
+        else:
+            from .. import llamacpp
+
+            program = str(llamacpp.server_binary("rpc-server"))
+        args = [program, "-H", "127.0.0.1", "-p", str(self.port), "-c", "-d", ",".join(self.devices)]
+        if self.threads:
+            args += ["-t", str(self.threads)]
+        return args
+
+    def env(self) -> dict[str, str]:
+        """The environment: llama.cpp's cache folder set to the state directory's."""
+        return {**os.environ, "LLAMA_CACHE": str(cache_dir(self.state_dir))}
+
+    def start(self) -> None:
+        """Begin supervising (returns at once; ``ready`` is set once the port accepts)."""
+        if self._task is None:
+            self._stopping = False
+            self._task = asyncio.get_running_loop().create_task(self._supervise(), name="rpc-server")
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                await self._run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # supervision must go on whatever happened
+                log.exception("pool: rpc-server supervisor error")
+                self.error = str(e)
+            self.ready.clear()
+            if self._stopping:
+                break
+            delay = self.backoff.next(time.monotonic() - started)
+            self.restarts += 1
+            self.state = "restarting"
+            log.warning("pool: restarting rpc-server in %.2fs (%s)", delay, self.error or "exited")
+            await asyncio.sleep(delay)
+
+    async def _run_once(self) -> None:
+        self.state = "starting" if self.restarts == 0 else self.state
+        cache_dir(self.state_dir).mkdir(parents=True, exist_ok=True)
+        self.log_tail.clear()
+        proc = await asyncio.create_subprocess_exec(
+            *self.argv(), env=self.env(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        self._proc, self.pid = proc, proc.pid
+        self._confine(proc.pid)
+        assert proc.stdout is not None
+        reader = asyncio.get_running_loop().create_task(self._read_log(proc.stdout))
+        try:
+            if await self._wait_listening(proc):
+                self.state, self.error = "ready", None
+                self.ready.set()
+                log.info("pool: rpc-server ready on %s (pid %d, devices %s, RAM ceiling %s)", self.address,
+                         proc.pid, ",".join(self.devices), f"{self.ram_limit >> 20} MiB" if self.ram_limit else "none")
+                if self.on_ready is not None:
+                    self.on_ready()
+            code = await proc.wait()
+            if not self._stopping:
+                what = "was killed" if code == -signal.SIGKILL else f"exited with status {code}"
+                last = self.log_tail[-1].strip() if self.log_tail else ""
+                self.error = f"rpc-server {what}" + (f": {last}" if last and code != -signal.SIGKILL else "")
+                log.error("pool: %s", self.error)
+        finally:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(reader, 2.0)
+            if proc.returncode is None and not self._stopping:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+    def _confine(self, pid: int) -> None:
+        """Lower the server's CPU priority and cap its memory, right after it started (before it allocates:
+        an idle rpc-server holds nothing until a pool's head asks)."""
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, pid, self.nice)
+        if self.ram_limit:
+            ceiling = self.ram_limit + IN_FLIGHT_SLACK
+            try:
+                resource.prlimit(pid, resource.RLIMIT_DATA, (ceiling, ceiling))
+            except (OSError, ValueError) as e:
+                log.warning("pool: cannot cap rpc-server's memory: %s", e)
+
+    async def _read_log(self, stream: asyncio.StreamReader) -> None:
+        while True:
+            raw = await stream.readline()
+            if not raw:
+                return
+            line = raw.decode(errors="replace").rstrip()
+            self.log_tail.append(line)
+            log.debug("rpc-server: %s", line)
+
+    async def _wait_listening(self, proc: asyncio.subprocess.Process, timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                return False
+            # Look for the listening socket rather than connecting: rpc-server serves one client at a time,
+            # so a probe connection would sit in its queue (and its banner is block-buffered on a pipe).
+            if _listening(self.port):
+                return True
+            await asyncio.sleep(0.05)
+        self.error = f"rpc-server did not listen on {self.address} within {timeout:.0f}s"
+        return False
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop the server: SIGTERM, then SIGKILL after *timeout* seconds."""
+        self._stopping = True
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.state = "stopped"
+        self.ready.clear()
+
+
+def _listening(port: int) -> bool:
+    """True when something listens on 127.0.0.1:*port* (read from /proc, without connecting)."""
+    want = f"0100007F:{port:04X}"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 3 and fields[1] == want and fields[3] == "0A":  # 0A: LISTEN
+                return True
+        return False
+    return _connectable(port)
+
+
+def _connectable(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
