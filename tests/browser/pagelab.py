@@ -55,3 +55,18 @@ def sign_in(page: Any, password: str = PASSWORD) -> None:
     page.wait_for_selector("#signin-form", state="visible")
     page.fill("#password", password)
     page.click("#signin-form button[type=submit]")
+
+
+def wait_until(page: Any, expression: str, timeout: float = 30.0) -> Any:
+    """Poll a JavaScript expression until it is truthy; its value. (Playwright's wait_for_function compiles its
+    predicate with eval, which the page's Content-Security-Policy rightly forbids.)"""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = page.evaluate(f"() => ({expression})")
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout} s: {expression}")
+        page.wait_for_timeout(50)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pagelab import PASSWORD, set_password, shot, sign_in
+from pagelab import PASSWORD, set_password, shot, sign_in, wait_until
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_a_wrong_password_is_refused(gemma_agent: Any, desktop: Any) -> None:
     shot(page, "signin-desktop")
     page.fill("#password", "not the password")
     page.click("#signin-form button[type=submit]")
-    page.wait_for_function("document.getElementById('signin-error').textContent.length > 0")
+    wait_until(page, "document.getElementById('signin-error').textContent.length > 0")
     assert page.inner_text("#signin-error") == "wrong password"
     assert page.is_visible("#signin-form") and page.is_hidden("#chat")
     assert not [c for c in desktop.cookies() if c["name"] == "hearth_session"]
@@ -66,7 +66,7 @@ def test_sign_in_then_stream_stop_and_regenerate_a_gemma_answer(gemma_agent: Any
     assert page.evaluate("document.cookie") == "", "the session cookie is out of JavaScript's reach"
 
     model = gemma_agent.model
-    page.wait_for_function(f"[...document.querySelectorAll('#model option')].some(o => o.value === {model!r})")
+    wait_until(page, f"[...document.querySelectorAll('#model option')].some(o => o.value === {model!r})")
     label = page.eval_on_selector("#model", "s => s.selectedOptions[0].textContent")
     assert model in label and "on " in label, f"the model is marked with where it runs: {label!r}"
 
@@ -81,7 +81,7 @@ def test_sign_in_then_stream_stop_and_regenerate_a_gemma_answer(gemma_agent: Any
     shot(page, "chat-desktop")
     page.click("#stop")
     page.wait_for_selector("#send", state="visible")
-    page.wait_for_function("document.querySelector('.msg.assistant .meta')?.textContent.includes('stopped')")
+    wait_until(page, "document.querySelector('.msg.assistant .meta')?.textContent.includes('stopped')")
     stopped = _answer(page)
     page.wait_for_timeout(500)
     assert _answer(page) == stopped, "nothing arrives after Stop"

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from pagelab import ROOT, make_tiny_gguf, shot
+from pagelab import ROOT, make_tiny_gguf, shot, wait_until
 
 
 def _server_module() -> Any:
@@ -85,8 +85,8 @@ def test_pull_a_model_with_progress_then_use_it_with_a_new_key(loopback_catalogu
                 shot(page, "models-pull-desktop")
         page.wait_for_timeout(100)
     assert len(seen) >= 2, f"the pull showed its progress: {seen}"
-    page.wait_for_function("document.querySelector('#catalogue tr[data-model=tiny]')?.innerText.includes('serving')",
-                           timeout=120_000)
+    wait_until(page, "document.querySelector('#catalogue tr[data-model=tiny]')?.innerText.includes('serving')",
+                           timeout=120)
     assert loopback_catalogue.ranges, "the model came from the loopback server"
 
     # A key made on the page is shown once, works against the API, and the lines to paste name it.
@@ -102,7 +102,7 @@ def test_pull_a_model_with_progress_then_use_it_with_a_new_key(loopback_catalogu
     assert r.status_code == 200 and any(m["id"] == "tiny" for m in r.json()["data"])
     page.on("dialog", lambda d: d.accept())
     page.locator("#keys li[data-key=laptop] button").click()
-    page.wait_for_function("!document.querySelector('#keys li[data-key=laptop]')")
+    wait_until(page, "!document.querySelector('#keys li[data-key=laptop]')")
     store = agent.state_dir / "api-keys"
     assert key not in store.read_text(), "revoked on the node"
 

@@ -4,11 +4,14 @@ request is refused, model output that contains HTML renders as text; and the pag
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
-from pagelab import PASSWORD, set_password, sign_in
+from pagelab import PASSWORD, set_password, sign_in, wait_until
 
 from hearth.page.routes import ADMIN_ENDPOINTS
 
@@ -36,30 +39,55 @@ def test_every_admin_endpoint_refuses_a_request_without_a_session(closed_agent: 
     assert r.status_code == 401
 
 
-def test_a_cross_site_request_is_refused(closed_agent: Any, desktop: Any) -> None:
+@pytest.fixture
+def other_site() -> Iterator[str]:
+    """Another origin on this machine: a plain HTTP server with an empty page (and no policy of its own)."""
+    class Blank(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            body = b"<!doctype html><title>another site</title>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Blank)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_cross_site_request_is_refused(closed_agent: Any, desktop: Any, other_site: str) -> None:
     own = closed_agent.url  # http://127.0.0.1:PORT
     page = desktop.new_page()
     page.goto(own + "/")
     sign_in(page)
     page.wait_for_selector("#chat", state="visible")
-    # Another site in the same browser (localhost is another site than 127.0.0.1) tries the classic forgeries:
-    # a form-like POST that needs no preflight, and a fetch with the cookie asked for.
-    evil = desktop.new_page()
-    evil.goto(own.replace("127.0.0.1", "localhost") + "/")
-    outcome = evil.evaluate("""async (target) => {
+    # Another origin in the same browser tries the classic forgeries: a POST that needs no preflight, with
+    # the cookie asked for, and a read of an admin answer. From another port of the same host the browser
+    # even sends the SameSite=Strict cookie (same site): the Origin check is what refuses it.
+    forgeries = """async (target) => {
         const simple = await fetch(target + '/page/v1/keys', {method: 'POST', mode: 'no-cors', credentials: 'include',
             headers: {'Content-Type': 'text/plain'}, body: JSON.stringify({name: 'evil'})});
-        let read = 'refused';
-        try {
-            const r = await fetch(target + '/page/v1/keys', {credentials: 'include'});
-            read = await r.text();
-        } catch (e) { read = 'blocked: ' + e.name; }
-        return {simple: simple.type, read};
-    }""", own)
-    assert outcome["simple"] == "opaque"
-    assert outcome["read"].startswith("blocked"), "another site can never read the node's answers"
-    # The signed-in page itself sees that no key was made.
-    keys = page.evaluate("""async () => (await (await fetch('page/v1/keys')).json()).keys.map(k => k.name)""")
+        const logout = await fetch(target + '/page/v1/logout', {method: 'POST', mode: 'no-cors', credentials: 'include'});
+        let read;
+        try { read = await (await fetch(target + '/page/v1/keys', {credentials: 'include'})).text(); }
+        catch (e) { read = 'blocked: ' + e.name; }
+        return {simple: simple.type, logout: logout.type, read};
+    }"""
+    for origin in (other_site, other_site.replace("127.0.0.1", "localhost")):
+        evil = desktop.new_page()
+        evil.goto(origin + "/")
+        outcome = evil.evaluate(forgeries, own)
+        assert outcome["simple"] == "opaque" and outcome["logout"] == "opaque"
+        assert outcome["read"].startswith("blocked"), "another site can never read the node's answers"
+        evil.close()
+    # The signed-in page itself sees that no key was made and that it is still signed in.
+    keys = page.evaluate("async () => (await (await fetch('page/v1/keys')).json()).keys.map(k => k.name)")
     assert "evil" not in keys and "default" in keys
     # And over plain HTTP, with the real session cookie and CSRF token, a foreign Origin is still refused.
     cookie = next(c["value"] for c in desktop.cookies() if c["name"] == "hearth_session")
@@ -67,6 +95,9 @@ def test_a_cross_site_request_is_refused(closed_agent: Any, desktop: Any) -> Non
     r = httpx.post(own + "/page/v1/keys", json={"name": "evil"}, cookies={"hearth_session": cookie},
                    headers={"X-Hearth-CSRF": csrf, "Origin": "http://evil.example"}, timeout=10)
     assert r.status_code == 403 and "cross-site" in r.json()["error"]["message"]
+    r = httpx.post(own + "/page/v1/keys", json={"name": "mine"}, cookies={"hearth_session": cookie},
+                   headers={"X-Hearth-CSRF": csrf, "Origin": own}, timeout=10)
+    assert r.status_code == 201, "the same request from the page's own origin works"
 
 
 def test_model_output_with_script_renders_as_text(closed_agent: Any, desktop: Any) -> None:
@@ -85,7 +116,7 @@ def test_model_output_with_script_renders_as_text(closed_agent: Any, desktop: An
                                                               headers={"Content-Type": "text/event-stream"}))
     page.goto(closed_agent.url + "/")
     sign_in(page, PASSWORD)
-    page.wait_for_function("[...document.querySelectorAll('#model option')].some(o => o.value === 'hostile')")
+    wait_until(page, "[...document.querySelectorAll('#model option')].some(o => o.value === 'hostile')")
     page.fill("#prompt", "say something")
     page.press("#prompt", "Enter")
     page.wait_for_selector(".msg.assistant .meta")
