@@ -22,7 +22,8 @@ export async function refreshCatalogue() {
   const pulling = new Set(c.downloads.filter((d) => d.state === "running").map((d) => d.model));
   $("model-downloads").replaceChildren(...c.downloads.map(downloadRow));
   const rows = c.models.map((m) => el("tr", { "data-model": m.name },
-    el("td", {}, el("strong", {}, m.name), el("br"), el("span", { class: "muted" }, `${m.display_name} · ${m.quantization} · ${m.licence || ""}`)),
+    el("td", {}, el("strong", {}, m.name), c.pick && c.pick.model === m.name ? el("span", { class: "yes" }, " ★ profile's pick") : null,
+      el("br"), el("span", { class: "muted" }, `${m.display_name} · ${m.quantization} · ${m.licence || ""}`)),
     el("td", {}, bytes(m.size)),
     el("td", { class: "why" }, m.fits === null ? "" : el("span", { class: m.fits ? "yes" : "no" }, m.fits ? "✓ " : "✗ "), m.reason),
     el("td", {}, m.loaded ? "serving" : m.stored ? "stored" : ""),
