@@ -16,7 +16,7 @@ async function refresh() {
   try {
     if (tab === "chat") await loadModels();
     if (tab === "household") { await refreshHousehold(); again = 3000; }
-    if (tab === "models") { const pulling = await refreshCatalogue(); await refreshKeys(); again = pulling ? 1000 : 10000; }
+    if (tab === "models") { const pulling = await refreshCatalogue(); await refreshKeys(); again = pulling ? 500 : 10000; }
   } catch (e) {
     if (e.status === 401) { await gate(); return; }
     const errorId = tab === "chat" ? "chat-error" : tab === "models" ? "models-error" : null;
@@ -67,6 +67,7 @@ function init() {
     try { await call("POST", "page/v1/logout"); } finally { gate(); }
   });
   document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
+  document.addEventListener("hearth-refresh", () => refresh());
   initChat();
   initModels();
   show("chat");

@@ -35,7 +35,7 @@ export async function refreshCatalogue() {
         }, "models-error") }, "Remove")
       : el("button", { disabled: pulling.has(m.name), onclick: () => act(async () => {
           await call("POST", "page/v1/pull", { model: m.name });
-          await refreshCatalogue();
+          document.dispatchEvent(new Event("hearth-refresh")); // poll faster while it comes
         }, "models-error") }, pulling.has(m.name) ? "Pulling…" : "Pull"))));
   for (const m of c.other_stored) {
     rows.push(el("tr", { "data-model": m.name }, el("td", {}, el("strong", {}, m.name), el("br"), el("span", { class: "muted" }, m.file)),
