@@ -3,7 +3,8 @@
 
 Who may do what:
 - the admin endpoints (household, models, keys) need a session from signing in with the admin password,
-  except from this machine itself when ``api.open_loopback`` is on (as the API lets loopback in without a key);
+  except from this machine itself when ``api.open_loopback`` is on (as the API lets loopback in without a key),
+  asked for by a loopback name (so DNS rebinding cannot borrow that door);
 - chat needs the same, unless ``page.household_chat`` lets the whole LAN chat without signing in;
 - every change (POST, DELETE) also needs the session's CSRF token in ``X-Hearth-CSRF``, and any request
   a browser marks as cross-site (``Sec-Fetch-Site``, or an ``Origin`` that is not this host) is refused.
@@ -14,6 +15,7 @@ The session cookie is HttpOnly and SameSite=Strict; sign-in failures are rate-li
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import secrets
@@ -85,6 +87,19 @@ def _cross_site(request: Request) -> bool:
     return urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()
 
 
+def _loopback_host(request: Request) -> bool:
+    """Whether the browser asked for this node by a loopback name. A page on some other site whose name was
+    re-pointed at 127.0.0.1 (DNS rebinding) reaches the node as that name, and must not get loopback's
+    open door."""
+    host = urlsplit("//" + request.headers.get("host", "")).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Caller:
     """Who is asking: signed in, on loopback (open), or neither; and the CSRF token they must echo."""
 
@@ -92,7 +107,8 @@ class Caller:
         page = _page(request)
         config = api_state(request).runtime.config
         self.session = page.sessions.get(request.cookies.get(signin.COOKIE))
-        self.loopback = bool(config.api.open_loopback and is_loopback(request.scope.get("client")))
+        self.loopback = bool(config.api.open_loopback and is_loopback(request.scope.get("client"))
+                             and _loopback_host(request))
         self.admin = self.session is not None or self.loopback
         self.household_chat = bool(config.page.household_chat)
         self.csrf = self.session.csrf if self.session is not None else (page.loopback_csrf if self.loopback else None)

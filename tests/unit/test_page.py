@@ -166,3 +166,22 @@ def test_sessions_expire_and_are_kept_by_hash_only() -> None:
     time.sleep(0.1)
     assert sessions.get(token) is None
     assert sessions.get(None) is None and sessions.get("forged") is None
+
+
+def test_loopback_is_open_only_when_asked_by_a_loopback_name(tmp_path: Path) -> None:
+    runtime = FakeRuntime(tmp_path)
+    for i, (base, open_) in enumerate((("http://127.0.0.1:8080", True), ("http://localhost:8080", True), ("http://[::1]:8080", True),
+                        ("http://attacker.example:8080", False))):
+        client = TestClient(create_app(runtime), base_url=base, client=("127.0.0.1", 40000))
+        session = client.get("/page/v1/session").json()
+        assert session["admin"] is open_, base
+        assert client.get("/page/v1/keys").status_code == (200 if open_ else 401), base
+        if open_:
+            # Loopback needs no session, but a change still needs the token only the page can read.
+            assert client.post("/page/v1/keys", json={"name": "k"}).status_code == 403
+            made = client.post("/page/v1/keys", json={"name": f"k{i}"},
+                               headers={"X-Hearth-CSRF": session["csrf"]})
+            assert made.status_code == 201
+    closed = FakeRuntime(tmp_path / "closed", config=Config().replace(**{"api.open_loopback": False}))
+    client = TestClient(create_app(closed), base_url="http://127.0.0.1:8080", client=("127.0.0.1", 40000))
+    assert client.get("/page/v1/keys").status_code == 401
