@@ -119,6 +119,20 @@ def downloads(runtime: Any, pulls: dict[str, dict[str, Any]]) -> list[dict[str, 
     for name, p in pulls.items():
         if p.get("state") == "running" or time.time() - p.get("ended", 0) < 60:
             out.append({"model": name, **p, "by": "page"})
+    # Anything else with a partial file in the store: `hearth models pull` in a shell, Ollama's /api/pull,
+    # or an interrupted download that the same command resumes.
+    try:
+        from ..models.download import partials
+        from ..models.store import Store
+
+        store = Store.from_config(runtime.config)
+        shown = {d["model"] for d in out} | {e.file for e in store.catalogue if e.name in {d["model"] for d in out}}
+        for part in partials(store):
+            if part["file"] not in shown:
+                out.append({"model": part["file"], "completed": part["bytes"], "total": part["total"],
+                            "status": "partly downloaded", "state": "partial", "by": "store"})
+    except (HearthError, OSError) as e:
+        log.debug("partial downloads unreadable: %s", e)
     return out
 
 

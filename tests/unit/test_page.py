@@ -185,3 +185,18 @@ def test_loopback_is_open_only_when_asked_by_a_loopback_name(tmp_path: Path) -> 
     closed = FakeRuntime(tmp_path / "closed", config=Config().replace(**{"api.open_loopback": False}))
     client = TestClient(create_app(closed), base_url="http://127.0.0.1:8080", client=("127.0.0.1", 40000))
     assert client.get("/page/v1/keys").status_code == 401
+
+
+def test_a_partial_download_in_the_store_shows_as_a_download(tmp_path: Path) -> None:
+    from hearth.models.store import Store
+
+    client = _client(tmp_path, config=Config().replace(**{"state.dir": str(tmp_path)}))
+    _signed_in(client)
+    store = Store.from_config(Config().replace(**{"state.dir": str(tmp_path)}))
+    store.ensure()
+    store.partial_dir.mkdir(parents=True, exist_ok=True)
+    store.partial_path("big.gguf").write_bytes(b"x" * 1000)
+    store.journal_path("big.gguf").write_text(json.dumps({"file": "big.gguf", "total": 4000, "source": "test"}))
+    downloads = client.get("/page/v1/household").json()["downloads"]
+    assert downloads == [{"model": "big.gguf", "completed": 1000, "total": 4000, "status": "partly downloaded",
+                          "state": "partial", "by": "store"}]
