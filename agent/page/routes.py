@@ -273,7 +273,7 @@ async def chat(request: Request, caller: Chatter) -> Response:
 @router.get("/page/v1/household")
 async def household(request: Request, caller: Admin) -> JSONResponse:
     """Every node with its hardware, models, load, tokens/s and last seen; downloads; the join code."""
-    return JSONResponse(await views.household(api_state(request).runtime, _page(request).pulls))
+    return JSONResponse(await views.household(api_state(request).runtime, _page(request).pulls, request.url.hostname))
 
 
 # --- models ---------------------------------------------------------------------------------------------

@@ -136,10 +136,11 @@ def downloads(runtime: Any, pulls: dict[str, dict[str, Any]]) -> list[dict[str, 
     return out
 
 
-async def household(runtime: Any, pulls: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Every node (this one first) with hardware, models, load, tokens/s and last seen; downloads; the join code."""
+async def household(runtime: Any, pulls: dict[str, dict[str, Any]], host: str | None = None) -> dict[str, Any]:
+    """Every node (this one first) with hardware, models, load, tokens/s and last seen; downloads; the join code.
+    *host* is the address the browser reached this node by."""
     local = _local_models(runtime)
-    me = {"name": node_name(runtime), "self": True, "host": None, "models": local,
+    me = {"name": node_name(runtime), "self": True, "host": host, "models": local,
           "queued": sum(m["queued"] for m in local), "capacity": sum(m["capacity"] for m in local),
           "tokens_per_second": round(sum(m["tokens_per_second"] or 0 for m in local), 1),
           "last_seen": time.time(), "alive": True, "hardware": hardware_summary(await own_hardware(runtime))}

@@ -51,7 +51,7 @@ def test_both_nodes_of_a_pair_show_on_the_household_page(pair: tuple[Any, Any], 
     _both_nodes(page)
     den = page.inner_text(".node[data-node=hearth-den]")
     attic = page.locator(".node[data-node=hearth-attic]")
-    assert "this node" in den and "CPU" in den and "memory" in den
+    assert "this node" in den and a.ns.address in den and "CPU" in den and "memory" in den
     assert b.ns.address in attic.inner_text()
     # The peer's hardware comes from the peer itself.
     attic.locator("dt", has_text="memory").wait_for()
