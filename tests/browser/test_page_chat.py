@@ -77,7 +77,8 @@ def test_sign_in_then_stream_stop_and_regenerate_a_gemma_answer(gemma_agent: Any
     page.press("#prompt", "Enter")
     page.wait_for_selector("#stop", state="visible")
     lengths = _watch_stream(page, min_chars=160)
-    assert lengths == sorted(lengths) and len(set(lengths)) >= 3, f"tokens arrive one after another: {lengths}"
+    # Markdown may shorten the text as a token closes a mark-up (** turning bold): growth overall is the test.
+    assert lengths[-1] > lengths[0] and len(set(lengths)) >= 3, f"tokens arrive one after another: {lengths}"
     shot(page, "chat-desktop")
     page.click("#stop")
     page.wait_for_selector("#send", state="visible")
