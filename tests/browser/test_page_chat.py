@@ -26,8 +26,9 @@ def _answer(page: Any) -> str:
     return str(page.eval_on_selector_all(".msg.assistant", "els => els.length ? els[els.length - 1].innerText : ''"))
 
 
-def _watch_stream(page: Any, min_chars: int = 40, timeout: float = 90.0) -> list[int]:
-    """The assistant's text length at each look, until it has *min_chars* (the answer is still streaming)."""
+def _watch_stream(page: Any, min_chars: int = 40, timeout: float = 90.0) -> list[int] | None:
+    """The assistant's text length at each look, until it has *min_chars* while still streaming; None when
+    the model ended its answer before that."""
     lengths: list[int] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -36,8 +37,21 @@ def _watch_stream(page: Any, min_chars: int = 40, timeout: float = 90.0) -> list
             lengths.append(n)
         if n >= min_chars and len(lengths) >= 3:
             return lengths
+        if page.is_visible("#send"):
+            return None  # finished: a short answer
         page.wait_for_timeout(30)
     raise AssertionError(f"the answer did not stream: lengths seen {lengths}")
+
+
+def _stream_long_answer(page: Any, min_chars: int) -> list[int]:
+    """Watch the answer being streamed; a model that stops early (sampling is random) is asked again."""
+    for _ in range(4):
+        lengths = _watch_stream(page, min_chars)
+        if lengths is not None:
+            return lengths
+        page.click("#regenerate")
+        page.wait_for_selector("#stop", state="visible")
+    raise AssertionError("every answer ended before it could be watched streaming")
 
 
 def test_a_wrong_password_is_refused(gemma_agent: Any, desktop: Any) -> None:
@@ -76,7 +90,7 @@ def test_sign_in_then_stream_stop_and_regenerate_a_gemma_answer(gemma_agent: Any
     page.fill("#prompt", "Write a short story about a cat who lives by the fire.")
     page.press("#prompt", "Enter")
     page.wait_for_selector("#stop", state="visible")
-    lengths = _watch_stream(page, min_chars=160)
+    lengths = _stream_long_answer(page, min_chars=160)
     # Markdown may shorten the text as a token closes a mark-up (** turning bold): growth overall is the test.
     assert lengths[-1] > lengths[0] and len(set(lengths)) >= 3, f"tokens arrive one after another: {lengths}"
     shot(page, "chat-desktop")
@@ -90,7 +104,7 @@ def test_sign_in_then_stream_stop_and_regenerate_a_gemma_answer(gemma_agent: Any
 
     page.click("#regenerate")
     page.wait_for_selector("#stop", state="visible")
-    _watch_stream(page, min_chars=20)
+    _stream_long_answer(page, min_chars=20)
     page.click("#stop")
     page.wait_for_selector("#send", state="visible")
     assert page.locator(".msg.assistant").count() == 1, "regenerate replaces the last answer"
@@ -110,7 +124,7 @@ def test_sign_in_then_stream_stop_and_regenerate_a_gemma_answer(gemma_agent: Any
     mobile.wait_for_selector("#chat", state="visible")
     mobile.fill("#prompt", "Name three things a family can cook together.")
     mobile.click("#send")
-    _watch_stream(mobile, min_chars=20)
+    _stream_long_answer(mobile, min_chars=20)
     mobile.click("#stop")
     mobile.wait_for_selector("#send", state="visible")
     assert mobile.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")

@@ -23,7 +23,7 @@ import pytest
 
 BOOT_TIMEOUT = float(os.environ.get("HEARTH_BOOT_TIMEOUT", 1500))
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
-ADMIN_PASSWORD = "ember-and-oak-42"
+PRESET_PASSWORD = "ember-and-oak-42"
 """The preset's admin password: the household page signs in with it."""
 PRESET = f"""\
 # Written by tests/image/test_boot.py (CRLF line ends, like a preset saved on Windows).
@@ -36,7 +36,7 @@ model:
 household:
   mode: create
 admin:
-  password: {ADMIN_PASSWORD}
+  password: {PRESET_PASSWORD}
 """
 GiB = 1 << 30
 
@@ -101,7 +101,7 @@ def test_uefi_headless_preset_openai_and_growth(image, harness, tmp_path):
             assert page.status_code == 200 and "<title>Hearth</title>" in page.text, page.text[:200]
             assert web.get("/page/v1/household").status_code == 401
             assert web.post("/page/v1/login", json={"password": "not-the-password"}).status_code == 401
-            assert web.post("/page/v1/login", json={"password": ADMIN_PASSWORD}).status_code == 200
+            assert web.post("/page/v1/login", json={"password": PRESET_PASSWORD}).status_code == 200
             nodes = web.get("/page/v1/household").json()["nodes"]
             assert nodes[0]["name"] == "hearth-test" and nodes[0]["models"], nodes
         assert vm.powerdown(120) == 0
