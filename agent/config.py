@@ -180,6 +180,14 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class PageSettings:
+    """The household page served at / on the API's port."""
+
+    household_chat: bool = setting(False, "Let anyone on the LAN chat on the household page without signing in "
+                                          "(the rest of the page still needs the admin password).")
+
+
+@dataclass(frozen=True)
 class StateSettings:
     """Where the node keeps what it must remember."""
 
@@ -289,6 +297,7 @@ class Config:
 
     node: NodeSettings = field(default_factory=NodeSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+    page: PageSettings = field(default_factory=PageSettings)
     state: StateSettings = field(default_factory=StateSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     mesh: MeshSettings = field(default_factory=MeshSettings)

@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("HEARTH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hearth")
 
-_TIER_OF_FOLDER = {"unit": "unit", "integration": "integration", "netns": "integration", "tui": "tui", "image": "image"}
+_TIER_OF_FOLDER = {"unit": "unit", "integration": "integration", "netns": "integration", "tui": "tui", "browser": "browser",
+                   "image": "image"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -31,6 +31,7 @@ Clients off this machine send `Authorization: Bearer <key>` (`hearth apikey show
 
 def create_app(runtime: Runtime) -> FastAPI:
     """The API app for *runtime*; makes the first API key if the node has none."""
+    from ..page.routes import router as page_router
     from . import node, ollama, v1
 
     keys = KeyStore(keys_path(runtime.state_dir))
@@ -45,6 +46,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(ollama.router)
     app.include_router(node.router)
+    app.include_router(page_router)  # the household page at /, and its /page/v1 endpoints
     for extra in runtime.extra_routers:
         app.include_router(extra)
 

@@ -132,6 +132,7 @@ def steps(cfg: Config, root: Path = Path("/"), *, model_file: Path | None = None
         Step("Keyboard layout", lambda: write_keymap(root, cfg.console.keymap)),
         Step("Network", lambda: write_network(root, cfg, iface)),
         Step("Admin account", lambda: accounts.set_admin(root, cfg.admin.password, cfg.admin.password_hash)),
+        Step("Page sign-in", lambda: page_password(root, cfg)),
         Step("SSH", lambda: write_ssh(root, cfg.admin.ssh_key)),
         Step("Household", lambda: apply_household(root, cfg)),
         Step("Model", model),
@@ -152,6 +153,13 @@ def apply(cfg: Config, root: Path = Path("/"), *, model_file: Path | None = None
         if progress:
             progress(step.name, result)
     return done
+
+
+def page_password(root: Path, cfg: Config) -> str:
+    """Give the agent (which cannot read /etc/shadow) the admin password hash for the household page's sign-in."""
+    from ..page import signin
+
+    return signin.copy_from_shadow(root, under(root, cfg.state.dir))
 
 
 def run_step(step: Step) -> str:

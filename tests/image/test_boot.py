@@ -18,10 +18,13 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 BOOT_TIMEOUT = float(os.environ.get("HEARTH_BOOT_TIMEOUT", 1500))
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+PRESET_PASSWORD = "ember-and-oak-42"
+"""The preset's admin password: the household page signs in with it."""
 PRESET = f"""\
 # Written by tests/image/test_boot.py (CRLF line ends, like a preset saved on Windows).
 node:
@@ -32,6 +35,8 @@ model:
   chat_format: gemma
 household:
   mode: create
+admin:
+  password: {PRESET_PASSWORD}
 """
 GiB = 1 << 30
 
@@ -89,6 +94,16 @@ def test_uefi_headless_preset_openai_and_growth(image, harness, tmp_path):
         assert reply.usage and reply.usage.completion_tokens > 0
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="hearth-wrong", max_retries=0).models.list()
+        # The household page is served at /; this client is off the node (qemu's user network), so it signs in
+        # with the admin password, which setup handed to the agent (it cannot read /etc/shadow).
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as web:
+            page = web.get("/")
+            assert page.status_code == 200 and "<title>Hearth</title>" in page.text, page.text[:200]
+            assert web.get("/page/v1/household").status_code == 401
+            assert web.post("/page/v1/login", json={"password": "not-the-password"}).status_code == 401
+            assert web.post("/page/v1/login", json={"password": PRESET_PASSWORD}).status_code == 200
+            nodes = web.get("/page/v1/household").json()["nodes"]
+            assert nodes[0]["name"] == "hearth-test" and nodes[0]["models"], nodes
         assert vm.powerdown(120) == 0
 
 

@@ -61,3 +61,16 @@ def test_boot_loaders_and_growth(fs):
     root = fs["root"]
     assert "Type=var" in (root / "usr/lib/repart.d/20-var.conf").read_text()
     assert "x-systemd.growfs" in (root / "etc/fstab").read_text()
+
+
+def test_household_page_ships_built(fs):
+    """The page the agent serves at / is in the image, already built: npm ran on the build host (ci/page), and
+    neither node nor the page's npm sources are in the image."""
+    root = fs["root"]
+    site = next((root / "usr/lib/hearth/venv/lib").glob("python3*/site-packages"))
+    static = site / "hearth/page/static"
+    for name in ("index.html", "app.js", "style.css", "app.js.gz"):
+        assert (static / name).is_file(), f"{name} of the household page is missing from the image"
+    assert "assets/app.js" in (static / "index.html").read_text()
+    assert not (site / "hearth/page/web").exists()
+    assert not (root / "usr/bin/node").exists() and not (root / "usr/bin/npm").exists()
