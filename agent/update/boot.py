@@ -36,6 +36,11 @@ class Entry:
     done: int | None
 
     @property
+    def id(self) -> str:
+        """systemd-boot's id for the entry: the file name without the counter (LoaderEntrySelected)."""
+        return f"hearth_{self.version}.efi"
+
+    @property
     def state(self) -> str:
         """good (blessed), bad (no tries left) or trying (counting down)."""
         if self.left is None:
@@ -94,10 +99,17 @@ def selected_entry(efivars: Path = EFI_VARS) -> str | None:
     return raw[4:].decode("utf-16-le", errors="replace").rstrip("\x00") or None
 
 
+def find(all_entries: list[Entry], selected: str | None) -> Entry | None:
+    """The entry *selected* names (an id or a file name, with or without its counter), or None."""
+    want = parse_entry(selected) if selected else None
+    return next((e for e in all_entries if want and e.id == want.id), None)
+
+
 def fallback(all_entries: list[Entry], current: str | None) -> Entry | None:
     """The entry systemd-boot would start instead of *current* if *current* were bad: newest not-bad other."""
+    me = find(all_entries, current)
     for e in all_entries:
-        if e.file != current and e.state != "bad":
+        if e != me and e.state != "bad":
             return e
     return None
 

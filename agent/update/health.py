@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .apply import ESP
-from .boot import entries, fallback, selected_entry
+from .boot import entries, fallback, find, selected_entry
 
 CHECK = "/usr/lib/hearth/check"
 BLESS = "/usr/lib/systemd/systemd-bless-boot"
@@ -44,7 +44,7 @@ def verdict(check: str = CHECK, configured: Path = CONFIGURED) -> bool:
 def decide(esp: Path, current: str | None) -> str:
     """'rollback' when the current entry is counted and another good entry exists, else 'stay'."""
     all_entries = entries(esp)
-    me = next((e for e in all_entries if e.file == current), None)
+    me = find(all_entries, current)
     if me is None or me.state == "good":
         return "stay"
     return "rollback" if fallback(all_entries, current) else "stay"

@@ -227,6 +227,7 @@ def test_boot_entries_counting_and_fallback(tmp_path: Path) -> None:
         (esp / "EFI" / "Linux" / name).write_bytes(b"")
     assert [e.version for e in boot.entries(esp)] == ["10", "9", "2"]
     assert health.decide(esp, "hearth_10+2-1.efi") == "rollback"
+    assert health.decide(esp, "hearth_10.efi") == "rollback"  # systemd-boot's id has no counter
     assert health.decide(esp, "hearth_9.efi") == "stay"  # blessed: a bad verdict is not an update's fault
     (esp / "EFI" / "Linux" / "hearth_9.efi").unlink()
     (esp / "EFI" / "Linux" / "hearth_2.efi").rename(esp / "EFI" / "Linux" / "hearth_2+0-3.efi")
@@ -306,3 +307,48 @@ def test_cli_errors_and_check(tmp_path: Path, keys: dict[str, Path], capsys: pyt
     assert not (tmp_path / "state" / "updates" / "verified").exists()
     assert main(["--config", str(cfg), "update", "status"]) == 0
     assert "updates: off" in capsys.readouterr().out
+
+
+UKIFY = Path("/usr/lib/systemd/ukify")
+STUB = Path("/usr/lib/systemd/boot/efi/linuxx64.efi.stub")
+
+
+@pytest.mark.skipif(not (UKIFY.exists() and STUB.exists() and Path("/usr/bin/python3").exists()),
+                    reason="ukify and systemd-stub come with image/host-deps")
+def test_bios_follows_the_blessed_uki(tmp_path: Path) -> None:
+    from hearth.update import grub
+
+    kernel, initrd = os.urandom(300_000), os.urandom(500_000)
+    (tmp_path / "k").write_bytes(kernel)
+    (tmp_path / "i").write_bytes(initrd)
+    esp = tmp_path / "esp"
+    (esp / "EFI" / "Linux").mkdir(parents=True)
+    uki = esp / "EFI" / "Linux" / "hearth_2.efi"
+    cmdline = "root=PARTLABEL=hearth-root mount.usr=/dev/mapper/usr usrhash=" + "ab" * 32 + " rw"
+    subprocess.run(["/usr/bin/python3", str(UKIFY), "build", f"--linux={tmp_path / 'k'}", f"--initrd={tmp_path / 'i'}",
+                    f"--cmdline={cmdline}", "--uname=6.12.0", f"--stub={STUB}", f"--output={uki}"],
+                   check=True, capture_output=True)
+    # mkosi's build-time files for grub, and the type 1 entry that points at them.
+    (esp / "grub").mkdir()
+    (esp / "grub" / "grub.cfg").write_text('set timeout=0\nif [ "${grub_platform}" = pc ]; then\nmenuentry "x" {\n'
+                                           "    linux /tok/6.12.0/vmlinuz usrhash=00\n    initrd /tok/6.12.0/initrd\n}\nfi\n")
+    (esp / "tok" / "6.12.0").mkdir(parents=True)
+    (esp / "tok" / "6.12.0" / "vmlinuz").write_bytes(b"old")
+    (esp / "loader" / "entries").mkdir(parents=True)
+    (esp / "loader" / "entries" / "tok-6.12.0.conf").write_text("linux /tok/6.12.0/vmlinuz\n")
+    assert grub.followed(esp) is None
+    grub.follow(esp, uki, "2")
+    assert (esp / "hearth-bios" / "2" / "vmlinuz").read_bytes() == kernel
+    assert (esp / "hearth-bios" / "2" / "initrd").read_bytes() == initrd
+    cfg = (esp / "grub" / "grub.cfg").read_text()
+    assert f"linux /hearth-bios/2/vmlinuz {cmdline}\n" in cfg and "initrd /hearth-bios/2/initrd" in cfg
+    assert grub.followed(esp) == "2"
+    assert not (esp / "tok").exists() and not list((esp / "loader" / "entries").iterdir())
+    # The next blessed version replaces this one; a file that is not a UKI changes nothing.
+    shutil.copy(uki, esp / "EFI" / "Linux" / "hearth_3.efi")
+    grub.follow(esp, esp / "EFI" / "Linux" / "hearth_3.efi", "3")
+    assert grub.followed(esp) == "3" and not (esp / "hearth-bios" / "2").exists()
+    (tmp_path / "junk.efi").write_bytes(b"MZ" + b"\0" * 100)
+    with pytest.raises(UpdateError):
+        grub.follow(esp, tmp_path / "junk.efi", "4")
+    assert grub.followed(esp) == "3"
