@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{s.label}: {e.message}", file=sys.stderr)
                 continue
             offers.append((s.label, rel))
+        shutil.rmtree(work, ignore_errors=True)
         if not offers:
             raise UpdateError("no update source answered")
         newer = [(label, r) for label, r in offers if r is not None]

@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from .boot import image_version, require_uefi
+from .boot import entries, image_version, require_uefi
 from .fetch import store_dir
 from .sums import Release, UpdateError
 
@@ -38,6 +38,13 @@ def preflight(release: Release, verified: Path, esp: Path = ESP, sys_firmware: P
     current = image_version(os_release)
     if current is None:
         raise UpdateError("this node cannot update in place", hint=MIGRATION_HINT)
+    for e in entries(esp):
+        if e.version == release.version and e.state == "bad":
+            raise UpdateError(f"version {release.version} failed its health check on this node and was rolled back; "
+                              "it is not installed again", hint="wait for a newer release ('hearth update check')")
+        if e.version == release.version:
+            raise UpdateError(f"version {release.version} is already installed ({e.state})",
+                              hint="reboot to start it" if e.state == "trying" else None)
     uki = next(n for n in release.files if n.endswith(".efi"))
     need = (verified / uki).stat().st_size + ESP_SLACK
     try:

@@ -270,6 +270,16 @@ def test_preflight_refuses_bios_old_layout_and_full_esp(tmp_path: Path, keys: di
         apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=efi, os_release=old)
     assert "reflash" in (e.value.hint or "")
     assert apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=efi, os_release=osr) == "1"
+    # A version that already failed here is not installed again; one that is installed says so.
+    (tmp_path / "EFI" / "Linux").mkdir(parents=True)
+    (tmp_path / "EFI" / "Linux" / "hearth_2+0-1.efi").write_bytes(b"")
+    with pytest.raises(UpdateError, match="failed its health check"):
+        apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=efi, os_release=osr)
+    (tmp_path / "EFI" / "Linux" / "hearth_2+0-1.efi").rename(tmp_path / "EFI" / "Linux" / "hearth_2+3.efi")
+    with pytest.raises(UpdateError, match="already installed") as e:
+        apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=efi, os_release=osr)
+    assert e.value.hint == "reboot to start it"
+    shutil.rmtree(tmp_path / "EFI")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(256 << 20, 250 << 20, 6 << 20))  # type: ignore[attr-defined]
     with pytest.raises(UpdateError, match="ESP has 6 MiB free"):
         apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=efi, os_release=osr)
