@@ -362,3 +362,22 @@ def test_bios_follows_the_blessed_uki(tmp_path: Path) -> None:
     with pytest.raises(UpdateError):
         grub.follow(esp, tmp_path / "junk.efi", "4")
     assert grub.followed(esp) == "3"
+
+
+def test_install_reports_sysupdate_failure_in_one_line(tmp_path: Path, keys: dict[str, Path]) -> None:
+    """The wrapper around systemd-sysupdate (the real one runs in the qemu chain)."""
+    publish(tmp_path / "state" / "updates" / "verified", "2", keys)
+    rel = releases(load_verified(tmp_path / "state" / "updates" / "verified", keys["publisher.keyring"]))["2"]
+    tool = tmp_path / "sysupdate"
+    tool.write_text('#!/bin/sh\necho "Selected update 2"\necho "Failed to write partition: No space left" >&2\nexit 1\n')
+    tool.chmod(0o755)
+    said: list[str] = []
+    with pytest.raises(UpdateError) as e:
+        apply.install(rel, tmp_path / "state", say=said.append, sysupdate=str(tool))
+    assert "No space left" in e.value.message and "untouched" in (e.value.hint or "")
+    assert said == ["  sysupdate: Selected update 2", "  sysupdate: Failed to write partition: No space left"]
+    tool.write_text('#!/bin/sh\n[ "$1 $2" = "update 2" ] || exit 3\necho "Successfully installed update 2"\n')
+    apply.install(rel, tmp_path / "state", say=said.append, sysupdate=str(tool))
+    assert said[-1] == "  sysupdate: Successfully installed update 2"
+    with pytest.raises(UpdateError, match="missing"):
+        apply.install(rel, tmp_path / "state", sysupdate=str(tmp_path / "nope"))
