@@ -135,7 +135,8 @@ def test_update_chain(harness, releases, tmp_path):
     assert lines["exit"] == "0" and lines["version"] == "1", log[-3000:]
     assert {k: lines[k] for k in ids} == ids
     assert lines["update-exit"] == "0", log[-3000:]
-    assert "hearth_2+3.efi" in esp_files(work / "disk.raw")
+    # sysupdate names a new UKI after its first pattern: +TRIES_LEFT-TRIES_DONE.
+    assert any(re.fullmatch(r"hearth_2\+3(-0)?\.efi", n) for n in esp_files(work / "disk.raw"))
 
     # 2. v2 boots on its counter, is healthy and blessed; /var is untouched. It installs v3.
     lines, log = run("v2", "full show-ids update poweroff", f"{releases}/rel-3")
@@ -144,7 +145,8 @@ def test_update_chain(harness, releases, tmp_path):
     assert b"hearth-health: healthy" in log
     assert lines["update-exit"] == "0", log[-3000:]
     files = esp_files(work / "disk.raw")
-    assert "hearth_2.efi" in files and "hearth_3+3.efi" in files and "grub:2" in files, files
+    assert "hearth_2.efi" in files and "grub:2" in files, files
+    assert any(re.fullmatch(r"hearth_3\+3(-0)?\.efi", n) for n in files), files
 
     # 3. v3's agent never starts: its health check fails, it is marked bad and the node is back on v2
     #    by itself. There, a v3 with one byte changed is refused.
