@@ -291,6 +291,22 @@ class HouseholdSettings:
                              secret=True)
 
 
+def check_update_url(value: str) -> str | None:
+    """Where releases are published: an http(s):// or file:// URL, or nothing."""
+    if value == "" or re.match(r"^(https?|file)://\S+$", value):
+        return None
+    return "must be an http://, https:// or file:// URL (the folder holding SHA256SUMS)"
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """A/B image updates (README, "Updates")."""
+
+    url: str = setting("", "Folder URL where Hearth releases are published (SHA256SUMS, its .gpg, the files); empty: peers only.",
+                       check_update_url)
+    from_peers: bool = setting(True, "Fetch a release from a household peer that already has it before asking the URL.")
+
+
 @dataclass(frozen=True)
 class Config:
     """A node's whole configuration, as read from hearth.yaml (frozen)."""
@@ -307,6 +323,7 @@ class Config:
     network: NetworkSettings = field(default_factory=NetworkSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     household: HouseholdSettings = field(default_factory=HouseholdSettings)
+    update: UpdateSettings = field(default_factory=UpdateSettings)
 
     @property
     def models_dir(self) -> Path:

@@ -638,6 +638,9 @@ class Node:
             mesh = MeshService(self.config, router=self.routing, local_upstreams=self.local_upstreams,
                                pool_state=self.pool_state)
             self.extra_routers.append(mesh.api_router())
+            # Verified update files, read-only, for household peers (hearth.update.serve).
+            from .update.serve import make_router as update_router
+            self.extra_routers.append(update_router(mesh.verifier, self.config.state.dir))
             await mesh.start()
         except HearthError as e:
             self.warnings.append(f"mesh off: {e.message}")

@@ -24,6 +24,7 @@ COMMANDS = [
     "status",
     "chat",
     "apikey",
+    "update",
 ]
 """Subcommand modules in help order; a new subcommand adds its module name here."""
 

@@ -20,6 +20,8 @@ import qemu  # noqa: E402  (ci/qemu.py: the harness people use too)
 
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+USR_TYPE = "8484680C-9521-48C6-9C11-B0720656F69E"
+"""/usr of x86-64 (the A/B image's slots)."""
 
 
 @pytest.fixture(scope="session")
@@ -50,10 +52,17 @@ def mounted(image: Path, tmp: Path) -> Iterator[list[Path]]:
     points: list[Path] = []
     found_esp: list[Path] = []
     try:
+        usr_slots = []
+        inner: list[Path] = []
         for n, part in enumerate(table["partitions"], 1):
             point = tmp / f"p{n}"
             point.mkdir()
             offset = int(part["start"]) * sector
+            if part["type"].upper() == USR_TYPE:
+                # A/B images: /usr is a slot of its own, mounted below the root once that is found.
+                if part.get("name", "").startswith("hearth_"):
+                    usr_slots.append(part)
+                continue
             if part["type"].upper() == ESP_TYPE:
                 # FAT through mtools: no mount needed (some sandboxes cannot mount vfat).
                 subprocess.run(["mcopy", "-s", "-n", "-i", f"{image}@@{offset}", "::*", str(point)], check=True,
@@ -63,9 +72,15 @@ def mounted(image: Path, tmp: Path) -> Iterator[list[Path]]:
             opts = f"ro,loop,offset={offset},sizelimit={int(part['size']) * sector}"
             if subprocess.run(["mount", "-o", opts, str(image), str(point)], capture_output=True).returncode == 0:
                 points.append(point)
+        for part in usr_slots[:1]:
+            root = next((p for p in points if (p / "etc").is_dir() and (p / "usr").is_dir()), None)
+            opts = f"ro,loop,offset={int(part['start']) * sector},sizelimit={int(part['size']) * sector}"
+            if root is not None and subprocess.run(["mount", "-o", opts, str(image), str(root / "usr")],
+                                                   capture_output=True).returncode == 0:
+                inner.append(root / "usr")
         yield points + found_esp
     finally:
-        for point in points:
+        for point in inner + points:
             subprocess.run(["umount", str(point)], check=False)
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )?PRIVATE KEY-----\r?\n(?:[A-Za-z0-9:, -]+\r?\n)*[A-Za-z0-9+/=]{48,}")
 API_KEY = re.compile(rb"hearth-[A-Za-z0-9_-]{40,}")
 SCAN_LIMIT = 8 << 20
-# Known test fixtures inside third-party wheels (not keys of this node or of anyone's household).
-ALLOWED_KEY_FILES = re.compile(r"/site-packages/.*/tests?/|/usr/share/doc/")
+# Known test fixtures inside third-party wheels (not keys of this node or of anyone's household), and
+# GnuTLS's built-in self-test keys (public known-answer vectors; systemd-container's importer links it).
+ALLOWED_KEY_FILES = re.compile(r"/site-packages/.*/tests?/|/usr/share/doc/|/libgnutls\.so[.0-9]*$")
 
 
 def files(top: Path) -> Iterator[Path]:
