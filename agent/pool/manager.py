@@ -146,6 +146,15 @@ class PooledModel:
                 "members": members, "formed": self.formed, "channel_bytes": moved}
 
 
+def _pool_offload(plan: Plan) -> dict[str, Any]:
+    """Where a pooled model's layers are, in the form llama-server's load report has (hearth status, the
+    GPU-idle warning): every layer on the members' devices, none on this node's CPU."""
+    total = sum(s.split for s in plan.shares)
+    return {"backend": "household pool", "devices_used": [f"{s.name} {s.device}" for s in plan.shares],
+            "layers_offloaded": total, "layers_total": total, "devices": [], "weights_mib": {},
+            "cpu_variant": None}
+
+
 class PoolManager:
     """Keeps this node's pooled models formed from the household's offers (*offers*, asked each time)."""
 
@@ -246,6 +255,8 @@ class PoolManager:
         worker = upstream.worker
         while True:
             if worker.state == "ready":
+                if (worker.info.get("offload") or {}).get("backend") != "household pool":  # after each (re)start
+                    worker.info["offload"] = _pool_offload(pm.plan)
                 pm.state = "ready"
                 pm.ready.set()
             current = {o.node: o for o in self.offers()}
