@@ -210,6 +210,13 @@ class PoolManager:
                 log.error("pool: %s: %s", pm.name, e.message)
                 await asyncio.sleep(self.retry_s * 5)
                 continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a member gone between plan and start, a bug: the pool must keep trying
+                pm.state, pm.reason = "waiting", f"forming failed: {e}"
+                log.exception("pool: forming %s failed", pm.name)
+                await asyncio.sleep(self.retry_s)
+                continue
             said = ""
             log.warning("pool: %s re-forms: %s", pm.name, why)
             served = pm.state == "ready"
@@ -221,6 +228,9 @@ class PoolManager:
         """Connect to the plan's members, run the pooled llama-server until the pool breaks; returns why."""
         assert pm.plan is not None
         offers = {o.node: o for o in self.offers()}
+        gone = [n for n in pm.plan.members if n not in offers]
+        if gone:
+            raise PoolUnavailable(f"member {gone[0]} left while the pool was forming")
         pm.state, pm.reason = "forming", "connecting to the members"
         endpoints: list[Endpoint] = []
         try:
