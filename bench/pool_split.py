@@ -100,7 +100,13 @@ async def timed(upstream: Any, prompt: str, tokens: int, relays: dict[str, Relay
             "turns": {k: (last[k][1] - first[k][1]) / steps for k in first}}
 
 
-def projection(bytes_per_token: float, turns_per_token: float) -> dict[str, Any]:
+GEMMA_LOGITS = 262144 * 4
+"""Bytes of Gemma 3's logits for one token (its vocabulary in f32): what comes back from the output layer."""
+QWEN32B_LOGITS = 152064 * 4
+"""The same for Qwen2.5 32B."""
+
+
+def projection(bytes_per_token: float, turns_per_token: float, logits: bool = False) -> dict[str, Any]:
     """tok/s on paper for a 32B Q4_K_M model split over two nodes, per link.
 
     Assumptions (printed): weights 19.9 GB read once per token at 40 GB/s per node (dual-channel DDR5,
@@ -108,10 +114,12 @@ def projection(bytes_per_token: float, turns_per_token: float) -> dict[str, Any]
     layers and the output, so the LAN carries only the other member's traffic, measured here, which is
     the hidden state in and out (grows with the hidden size: 5120 vs Gemma 270M's 640) plus llama.cpp's
     command messages: scaled by 8 as a whole (an upper bound for the commands); each round trip costs the
-    link's latency."""
+    link's latency. With *logits* the measured bytes include Gemma's logits (the head held no share):
+    those are taken out before scaling and the 32B model's own logits added back."""
     compute_s = 19.9e9 / 40e9
     scale = 5120 / 640
-    b = bytes_per_token * scale
+    hidden = max(0.0, bytes_per_token - GEMMA_LOGITS) if logits else bytes_per_token
+    b = hidden * scale + (QWEN32B_LOGITS if logits else 0)
     links = {"1 GbE": (125e6, 0.2e-3), "2.5 GbE": (312e6, 0.15e-3), "Wi-Fi 5 (~300 Mbit/s real, 3 ms)": (37.5e6, 3e-3)}
     out = {}
     for name, (bandwidth, rtt) in links.items():
@@ -352,7 +360,7 @@ def main_netns(args: argparse.Namespace) -> dict[str, Any]:
         "bytes_per_token": round(network_bytes),
         # Round trips per token are not counted through the channel: 1.0 was measured on loopback (the mode
         # without --netns); 2 are assumed here to stay on the safe side.
-        "projection": projection(network_bytes, 2.0),
+        "projection": projection(network_bytes, 2.0, logits=True),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 

@@ -146,6 +146,15 @@ class PooledModel:
                 "members": members, "formed": self.formed, "channel_bytes": moved}
 
 
+def _pool_offload(plan: Plan) -> dict[str, Any]:
+    """Where a pooled model's layers are, in the form llama-server's load report has (hearth status, the
+    GPU-idle warning): every layer on the members' devices, none on this node's CPU."""
+    total = sum(s.split for s in plan.shares)
+    return {"backend": "household pool", "devices_used": [f"{s.name} {s.device}" for s in plan.shares],
+            "layers_offloaded": total, "layers_total": total, "devices": [], "weights_mib": {},
+            "cpu_variant": None}
+
+
 class PoolManager:
     """Keeps this node's pooled models formed from the household's offers (*offers*, asked each time)."""
 
@@ -201,6 +210,13 @@ class PoolManager:
                 log.error("pool: %s: %s", pm.name, e.message)
                 await asyncio.sleep(self.retry_s * 5)
                 continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a member gone between plan and start, a bug: the pool must keep trying
+                pm.state, pm.reason = "waiting", f"forming failed: {e}"
+                log.exception("pool: forming %s failed", pm.name)
+                await asyncio.sleep(self.retry_s)
+                continue
             said = ""
             log.warning("pool: %s re-forms: %s", pm.name, why)
             served = pm.state == "ready"
@@ -212,6 +228,9 @@ class PoolManager:
         """Connect to the plan's members, run the pooled llama-server until the pool breaks; returns why."""
         assert pm.plan is not None
         offers = {o.node: o for o in self.offers()}
+        gone = [n for n in pm.plan.members if n not in offers]
+        if gone:
+            raise PoolUnavailable(f"member {gone[0]} left while the pool was forming")
         pm.state, pm.reason = "forming", "connecting to the members"
         endpoints: list[Endpoint] = []
         try:
@@ -246,6 +265,8 @@ class PoolManager:
         worker = upstream.worker
         while True:
             if worker.state == "ready":
+                if (worker.info.get("offload") or {}).get("backend") != "household pool":  # after each (re)start
+                    worker.info["offload"] = _pool_offload(pm.plan)
                 pm.state = "ready"
                 pm.ready.set()
             current = {o.node: o for o in self.offers()}

@@ -249,6 +249,8 @@ async def test_manager_forms_serves_breaks_and_reforms(tmp_path: Path, fake_serv
     assert len(spec.rpc) == 2 and sum(spec.tensor_split) == 5 and len(spec.rpc_devices) == 2
     assert [m.name for m in router.models()] == ["big"] and router.models()[0].pool == up.members
     assert manager.status()["big"]["state"] == "ready"
+    offload = up.worker.info["offload"]  # every layer on the members, none on the head: no GPU-idle warning
+    assert offload["layers_offloaded"] == offload["layers_total"] == 5 and len(offload["devices_used"]) == 2
 
     request = GenerationRequest(model="big", kind="chat", messages=({"role": "user", "content": "hi"},), max_tokens=3)
     texts = [ev.text async for ev in router.generate(request) if isinstance(ev, TokenChunk)]
