@@ -540,6 +540,83 @@ def _nothing_fits(report: Report, cls: HardwareClass, catalogue: Sequence[ModelS
         hint="close other programs or add memory, or let a bigger node in the household serve")
 
 
+@dataclass(frozen=True)
+class PoolPick:
+    """A model this node should run across the household pool: its profile prefers it to the best model
+    that fits this node alone, and the household's offers hold it."""
+
+    model: ModelSpec
+    context: int
+    estimate: Estimate
+    members: tuple[str, ...]
+    """The names of the nodes whose offers hold it, biggest first (this node among them when it offers)."""
+    offered: int
+    """What those offers add up to, bytes."""
+    reason: str
+
+
+def pool_pick(report: Report, offers: Sequence[Any], alone: Choice | None, config: Any = None,
+              catalogue: Sequence[ModelSpec] | None = None, profiles: Profiles | None = None,
+              models_dir: Path | None = None, self_node: str = "local") -> PoolPick | None:
+    """The hardware class's preferred model to run across the pool, or None to serve *alone* only.
+
+    *alone* is what ``select`` chose for this node by itself (None when nothing fits it); *offers* are
+    the household's pool offers (hearth.pool.capacity.Offer: this node's, already less its own model,
+    and its live peers', already less the nodes other pools hold: capacity.unclaimed). Only models the
+    profile ranks above *alone* count, only offers whose rpc-server is up, and at least one peer's; a
+    model some peer already serves as a pool is left to it (the mesh routes there). Nothing here stops
+    *alone*: the pooled model comes besides it. None with ``model.name`` other than auto, or
+    ``pool.enabled`` / ``pool.auto`` off.
+    """
+    settings = getattr(config, "model", None)
+    pool = getattr(config, "pool", None)
+    if str(getattr(settings, "name", "auto") or "auto").strip() != "auto":
+        return None
+    if pool is not None and not (pool.enabled and pool.auto):
+        return None
+    profiles = profiles or load_profiles()
+    catalogue = list(catalogue) if catalogue is not None else load_catalogue()
+    if models_dir is None and config is not None and hasattr(config, "models_dir"):
+        models_dir = config.models_dir
+    forced_ctx = int(getattr(settings, "context", 0) or 0)
+    cls = classify(report, profiles, use_gpus=int(getattr(settings, "gpu_layers", -1)) != 0)
+    usable: dict[str, Any] = {}
+    for o in offers:
+        if o.rpc_ready and o.total > 0:
+            usable.setdefault(o.node, o)  # each node's memory once
+    if not any(node != self_node for node in usable):
+        return None
+    ranked = sorted(usable.values(), key=lambda o: -o.total)
+    household = sum(o.total for o in ranked)
+    pooled_elsewhere = {m for o in offers if o.node != self_node for m in o.serving}
+    for wanted in cls.models:
+        model = _resolve(wanted, catalogue)
+        if model is None:
+            continue
+        if alone is not None and model.name == alone.model.name:
+            return None  # everything the profile ranks higher was tried: this node's own choice is its best
+        if model.name in pooled_elsewhere:
+            log.info("pool: %s is already served across the household pool by a peer", model.label)
+            return None
+        model = _with_local_facts(model, models_dir)
+        for ctx in _contexts(cls, model, forced_ctx):
+            est = estimate(model, ctx, profiles.margin)
+            if est.total > household:
+                continue
+            members, held = [], 0
+            for o in ranked:
+                members.append(o.name)
+                held += o.total
+                if held >= est.total:
+                    break
+            instead = f"; this node serves {alone.model.label} by itself meanwhile" if alone is not None else ""
+            reason = (f"{model.label}: needs {gib(est.total)} with {_ctx_label(ctx)} context, more than this "
+                      f"node has; the household pool holds it on {len(members)} node{'s' if len(members) != 1 else ''} ({' + '.join(members)}: "
+                      f"{gib(held)} offered){instead}")
+            return PoolPick(model, ctx, est, tuple(members), held, reason)
+    return None
+
+
 def stand_in(report: Report, config: Any) -> tuple[Any, Choice] | None:
     """The biggest model already in the config's store that fits this hardware, with its Choice: what a
     node serves while the model it should serve is still being fetched (hearth.daemon), and what the
