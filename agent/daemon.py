@@ -214,6 +214,15 @@ def plan_download(config: Config, report: Any = None) -> tuple[str, dict[str, An
     return entry.name, options, entry.size_bytes
 
 
+def _in_catalogue(name: str) -> bool:
+    """Whether *name* is a catalogue model (one the node can fetch)."""
+    try:
+        from .models.catalogue import load as load_catalogue
+    except ImportError:
+        return False
+    return load_catalogue().get(name) is not None
+
+
 def _available_memory() -> int:
     """MemAvailable in bytes (0 when unknown, which counts as tight)."""
     from .hardware.cpu import parse_meminfo
@@ -313,6 +322,8 @@ class Node:
         self.pool_acquisition: Any = None
         """The fetch of that model while it is not in the store."""
         self._auto_pooling: asyncio.Task[None] | None = None
+        self.pool_fetch: tuple[str, dict[str, Any]] | None = None
+        """(catalogue name, options) of a named model too big for this node, to fetch for the pool."""
 
     async def start_models(self) -> None:
         """Probe the hardware, choose the model and start its worker (loading goes on in the background)."""
@@ -364,6 +375,18 @@ class Node:
         try:
             path = find_model_file(self.config, name)
         except HearthError as e:
+            if _in_catalogue(name):
+                self.pool_fetch = (name, self._pool_options())  # once the mesh is up (start_pooling)
+                # Chosen in the wizard from the household's offers, say: fetch it, and meanwhile serve the
+                # biggest stored model that fits, as a node does while its own model downloads.
+                log.info("model: %s; fetching it to run across the household pool", error.message)
+                fallback = fallback_from_store(self.config, self.report)
+                if fallback is not None:
+                    stored, stored_path, options = fallback
+                    warning = f"serving {stored} from the store until {name} has arrived for the household pool"
+                    self.warnings.append(warning)
+                    self._serve(stored, stored_path, options)
+                return True
             self.error = f"{error.message}; to run it across the household pool it must be in the store: {e.message}"
             log.error("%s", self.error)
             return True
@@ -626,6 +649,8 @@ class Node:
         """Expose this node's rpc-server to the household through the channel, and run the wanted models
         across the pool (each forms as soon as the household offers enough)."""
         self._expose_rpc()
+        if self.pool_fetch is not None and self.mesh is not None:
+            self._fetch_for_pool(*self.pool_fetch)
         if not self.pool_wanted or self.mesh is None:
             if self.pool_wanted:
                 self.warnings.append("pool: the mesh is off, so no model can run across the household pool")
@@ -684,17 +709,31 @@ class Node:
         log.info("model: %s; running it across the household pool", pick.reason)
         try:
             path = find_model_file(self.config, name)
-        except HearthError:
-            from .serving.acquire import Acquisition
-
-            async def ready(path: Path) -> None:
-                self._pool_manager().keep(name, path, **options)
-
-            log.info("pool: %s is not in the store: fetching it", name)
-            self.pool_acquisition = Acquisition(self.config, name, ready, size_hint=pick.model.size_bytes or None)
-            self.pool_acquisition.start()
+        except HearthError as e:
+            if not self._fetch_for_pool(name, options):
+                log.warning("pool: cannot run %s across the pool: %s", name, e.message)
             return
         self._pool_manager().keep(name, path, **options)
+
+    def _fetch_for_pool(self, name: str, options: dict[str, Any]) -> bool:
+        """Fetch catalogue model *name* (a peer first, then the catalogue's sources), then run it across the
+        pool; False when the catalogue does not know it."""
+        try:
+            from .models.catalogue import load as load_catalogue
+            from .serving.acquire import Acquisition
+        except ImportError:
+            return False
+        entry = load_catalogue().get(name)
+        if entry is None or self.pool_acquisition is not None:
+            return False
+
+        async def ready(path: Path) -> None:
+            self._pool_manager().keep(entry.name, path, **options)
+
+        log.info("pool: %s is not in the store: fetching it", entry.name)
+        self.pool_acquisition = Acquisition(self.config, entry.name, ready, size_hint=entry.size_bytes or None)
+        self.pool_acquisition.start()
+        return True
 
     async def start_mesh(self) -> None:
         """Join the household mesh when it is enabled and set up; otherwise say why not."""

@@ -161,3 +161,37 @@ def test_auto_pooling_starts_only_for_auto_with_the_mesh(tmp_path: Path) -> None
     no_mesh = Node(Config().replace(**{"state.dir": str(tmp_path)}))
     no_mesh.start_auto_pool()
     assert no_mesh._auto_pooling is None
+
+
+async def test_a_named_catalogue_model_too_big_for_the_node_is_fetched_for_the_pool(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the wizard's "runs on 2 household nodes" choice leads to: model.name names a catalogue model
+    # this node cannot hold and does not have; it is fetched once the mesh is up, then run across the pool.
+    from hearth.daemon import Node
+    from hearth.select import ModelTooBig
+    from hearth.serving import acquire
+
+    node = Node(Config().replace(**{"state.dir": str(tmp_path), "model.name": "gemma3-12b"}))
+    assert node._pool_instead(ModelTooBig("too big")) and node.error is None
+    assert node.pool_fetch is not None and node.pool_acquisition is None  # nothing before the mesh is up
+    kept: list[str] = []
+    node._pool_manager = lambda: SimpleNamespace(  # type: ignore[method-assign]
+        keep=lambda name, path, **options: kept.append(name))
+
+    def fake_fetch(config: Any, name: str, progress: Any, stopped: Any, say: Any) -> Path:
+        path = config.models_dir / f"{name}.gguf"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"GGUF")
+        return path
+
+    monkeypatch.setattr(acquire, "_default_fetch", fake_fetch)
+    node.mesh = SimpleNamespace(node="a", name="hearth-a", peers={}, channel=None)
+    node.start_pooling()
+    assert node.pool_acquisition is not None
+    for _ in range(500):
+        if kept:
+            break
+        await asyncio.sleep(0.01)
+    assert kept == ["gemma3-12b"]
+    node.mesh = None
+    await node.stop(1.0)
