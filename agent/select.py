@@ -580,14 +580,9 @@ def pool_pick(report: Report, offers: Sequence[Any], alone: Choice | None, confi
         models_dir = config.models_dir
     forced_ctx = int(getattr(settings, "context", 0) or 0)
     cls = classify(report, profiles, use_gpus=int(getattr(settings, "gpu_layers", -1)) != 0)
-    usable: dict[str, Any] = {}
-    for o in offers:
-        if o.rpc_ready and o.total > 0:
-            usable.setdefault(o.node, o)  # each node's memory once
-    if not any(node != self_node for node in usable):
+    ranked = _usable_offers(offers, self_node)
+    if ranked is None:
         return None
-    ranked = sorted(usable.values(), key=lambda o: -o.total)
-    household = sum(o.total for o in ranked)
     pooled_elsewhere = {m for o in offers if o.node != self_node for m in o.serving}
     for wanted in cls.models:
         model = _resolve(wanted, catalogue)
@@ -598,23 +593,68 @@ def pool_pick(report: Report, offers: Sequence[Any], alone: Choice | None, confi
         if model.name in pooled_elsewhere:
             log.info("pool: %s is already served across the household pool by a peer", model.label)
             return None
-        model = _with_local_facts(model, models_dir)
-        for ctx in _contexts(cls, model, forced_ctx):
-            est = estimate(model, ctx, profiles.margin)
-            if est.total > household:
-                continue
-            members, held = [], 0
-            for o in ranked:
-                members.append(o.name)
-                held += o.total
-                if held >= est.total:
-                    break
-            instead = f"; this node serves {alone.model.label} by itself meanwhile" if alone is not None else ""
-            reason = (f"{model.label}: needs {gib(est.total)} with {_ctx_label(ctx)} context, more than this "
-                      f"node has; the household pool holds it on {len(members)} node{'s' if len(members) != 1 else ''} ({' + '.join(members)}: "
-                      f"{gib(held)} offered){instead}")
-            return PoolPick(model, ctx, est, tuple(members), held, reason)
+        found = _pool_fit(_with_local_facts(model, models_dir), cls, ranked, profiles, forced_ctx, alone)
+        if found is not None:
+            return found
     return None
+
+
+def _usable_offers(offers: Sequence[Any], self_node: str) -> list[Any] | None:
+    """Offers a pool can use now (rpc-server up, something offered), each node once, biggest first; None
+    without a peer among them (this node alone is no pool)."""
+    usable: dict[str, Any] = {}
+    for o in offers:
+        if o.rpc_ready and o.total > 0:
+            usable.setdefault(o.node, o)  # each node's memory once
+    if not any(node != self_node for node in usable):
+        return None
+    return sorted(usable.values(), key=lambda o: -o.total)
+
+
+def _pool_fit(model: ModelSpec, cls: HardwareClass, ranked: Sequence[Any], profiles: Profiles, forced_ctx: int,
+              alone: Choice | None) -> PoolPick | None:
+    """*model* across the offers *ranked* (biggest first) at the biggest context they hold, or None."""
+    household = sum(o.total for o in ranked)
+    for ctx in _contexts(cls, model, forced_ctx):
+        est = estimate(model, ctx, profiles.margin)
+        if est.total > household:
+            continue
+        members, held = [], 0
+        for o in ranked:
+            members.append(o.name)
+            held += o.total
+            if held >= est.total:
+                break
+        nodes = f"{len(members)} node{'s' if len(members) != 1 else ''}"
+        instead = f"; this node serves {alone.model.label} by itself meanwhile" if alone is not None else ""
+        reason = (f"{model.label}: needs {gib(est.total)} with {_ctx_label(ctx)} context, more than this node "
+                  f"has; the household pool holds it on {nodes} ({' + '.join(members)}: {gib(held)} offered)"
+                  f"{instead}")
+        return PoolPick(model, ctx, est, tuple(members), held, reason)
+    return None
+
+
+def pool_only(report: Report, offers: Sequence[Any], alone: Choice | None,
+              catalogue: Sequence[ModelSpec] | None = None, profiles: Profiles | None = None,
+              self_node: str = "local") -> list[PoolPick]:
+    """Every catalogue model that does not fit this node (*alone*'s memory) but fits across *offers*
+    (unclaimed, this node's own among them), biggest first: what the wizard offers as "runs on 2
+    household nodes"."""
+    profiles = profiles or load_profiles()
+    catalogue = list(catalogue) if catalogue is not None else load_catalogue()
+    ranked = _usable_offers(offers, self_node)
+    if ranked is None:
+        return []
+    cls = classify(report, profiles)
+    free = alone.free if alone is not None else report.memory_available
+    out = []
+    for model in sorted(catalogue, key=lambda m: (not _is_instruct(m), -m.size_bytes)):
+        if estimate(model, min(cls.min_context, model.context_length or cls.min_context), profiles.margin).total <= free:
+            continue  # fits this node by itself: not a pool's job
+        found = _pool_fit(model, cls, ranked, profiles, 0, alone)
+        if found is not None:
+            out.append(found)
+    return out
 
 
 def stand_in(report: Report, config: Any) -> tuple[Any, Choice] | None:

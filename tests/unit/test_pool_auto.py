@@ -195,3 +195,55 @@ async def test_a_named_catalogue_model_too_big_for_the_node_is_fetched_for_the_p
     assert kept == ["gemma3-12b"]
     node.mesh = None
     await node.stop(1.0)
+
+
+# --- the wizard: asking the household over its channel ---------------------------------------------------
+
+
+async def test_the_wizard_asks_the_household_over_its_channel(tmp_path: Path) -> None:
+    """A real peer on the household channel (mutual TLS, loopback) offers 20 GiB: the wizard's services,
+    holding only the join code, read its signed state and offer the models that fit only across the pool;
+    another household's code reads nothing."""
+    import shutil
+
+    from fastapi import FastAPI
+
+    from hearth import config as config_mod
+    from hearth.mesh import household
+    from hearth.mesh.client import household_states
+    from hearth.mesh.service import MeshService
+    from hearth.serving.router import Router
+    from hearth_firstboot.services import Services
+
+    secret = b"p" * 32
+    cfg = config_mod.from_dict({"node": {"name": "hearth-b"}, "state": {"dir": str(tmp_path / "b")},
+                                "mesh": {"discovery": False}})
+    mesh = MeshService(cfg, Router(), household=household.Household(secret),
+                       pool_state=lambda: offer(mesh.node, 20.0).to_dict())
+    app = FastAPI()
+    app.include_router(mesh.mesh_router())
+    mesh.channel.host, mesh.channel.port, mesh.channel.app = "127.0.0.1", 0, app
+    await mesh.channel.start()
+    try:
+        url = f"https://127.0.0.1:{mesh.channel.port}"
+        [state] = await asyncio.to_thread(household_states, secret, [url, url])  # each peer once
+        assert state["node"] == mesh.node and Offer.from_dict(state["pool"]).total == 20 * GIB
+        assert await asyncio.to_thread(household_states, b"x" * 32, [url]) == []  # another household
+        assert await asyncio.to_thread(household_states, secret, ["https://127.0.0.1:9"]) == []  # nobody there
+
+        root = tmp_path / "root"
+        shutil.copytree(MACHINES / "minipc-n100", root, symlinks=True)
+        services = Services(root)
+        hw = services.hardware()
+        options = await asyncio.to_thread(services.pool_models, hw, household.code_for(secret), [url])
+        alone = select(hw.report, catalogue=CATALOGUE, profiles=PROFILES)
+        assert alone is not None and options, options
+        names = {o.name for o in options}
+        assert alone.model.name not in names and "gemma3-270m" not in names  # what fits alone is not a pool's
+        for o in options:
+            assert "household node" in o.label and f"hearth-{mesh.node}" in o.reason, o
+            spec = next(m for m in CATALOGUE if m.name == o.name)
+            assert spec.size_bytes > alone.model.size_bytes
+        assert await asyncio.to_thread(services.pool_models, hw, household.code_for(b"x" * 32), [url]) == ()
+    finally:
+        await mesh.channel.stop()
