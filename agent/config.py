@@ -241,6 +241,9 @@ class PoolSettings:
     serve: tuple[str, ...] = setting((), "Models this node runs across the household pool (catalogue names or GGUF "
                                          "files in the store), besides its own; a named model too big for this "
                                          "node is pooled without being listed.")
+    auto: bool = setting(True, "With model.name: auto, run the hardware class's preferred model across the household "
+                               "pool when it does not fit this node alone but fits with what the peers offer; this "
+                               "node keeps serving the best model that fits it alone besides.")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,10 @@ from .serving.types import Upstream
 log = logging.getLogger("hearth.agent")
 
 
+AUTO_POOL_S = 10.0
+"""How often a node on ``model.name: auto`` weighs the household's offers for its profile's preferred model."""
+
+
 class StartupError(HearthError):
     """The agent cannot start (port taken, state directory not writable...)."""
 
@@ -210,6 +214,15 @@ def plan_download(config: Config, report: Any = None) -> tuple[str, dict[str, An
     return entry.name, options, entry.size_bytes
 
 
+def _in_catalogue(name: str) -> bool:
+    """Whether *name* is a catalogue model (one the node can fetch)."""
+    try:
+        from .models.catalogue import load as load_catalogue
+    except ImportError:
+        return False
+    return load_catalogue().get(name) is not None
+
+
 def _available_memory() -> int:
     """MemAvailable in bytes (0 when unknown, which counts as tight)."""
     from .hardware.cpu import parse_meminfo
@@ -303,6 +316,14 @@ class Node:
         """The models it runs across the pool (hearth.pool.manager.PoolManager), once there are any."""
         self.pool_wanted: list[tuple[str, Path, dict[str, Any]]] = []
         """(name, file, options) of the models to run across the pool, found at start."""
+        self.auto_pool: Any = None
+        """The model the profile prefers that this node runs across the pool (hearth.select.PoolPick), once
+        the household's offers hold it (``pool.auto``)."""
+        self.pool_acquisition: Any = None
+        """The fetch of that model while it is not in the store."""
+        self._auto_pooling: asyncio.Task[None] | None = None
+        self.pool_fetch: tuple[str, dict[str, Any]] | None = None
+        """(catalogue name, options) of a named model too big for this node, to fetch for the pool."""
 
     async def start_models(self) -> None:
         """Probe the hardware, choose the model and start its worker (loading goes on in the background)."""
@@ -354,6 +375,18 @@ class Node:
         try:
             path = find_model_file(self.config, name)
         except HearthError as e:
+            if _in_catalogue(name):
+                self.pool_fetch = (name, self._pool_options())  # once the mesh is up (start_pooling)
+                # Chosen in the wizard from the household's offers, say: fetch it, and meanwhile serve the
+                # biggest stored model that fits, as a node does while its own model downloads.
+                log.info("model: %s; fetching it to run across the household pool", error.message)
+                fallback = fallback_from_store(self.config, self.report)
+                if fallback is not None:
+                    stored, stored_path, options = fallback
+                    warning = f"serving {stored} from the store until {name} has arrived for the household pool"
+                    self.warnings.append(warning)
+                    self._serve(stored, stored_path, options)
+                return True
             self.error = f"{error.message}; to run it across the household pool it must be in the store: {e.message}"
             log.error("%s", self.error)
             return True
@@ -581,7 +614,8 @@ class Node:
         name = self.mesh.name if self.mesh is not None else node
         ready = self.rpc is not None and self.rpc.ready.is_set()
         serving = self.pooling.ready() if self.pooling is not None else ()
-        return Offer(node, name, tuple(self.pool_devices), ready, tuple(serving)).to_dict()
+        members = self.pooling.members() if self.pooling is not None else ()
+        return Offer(node, name, tuple(self.pool_devices), ready, tuple(serving), tuple(members)).to_dict()
 
     def pool_offers(self) -> list[Any]:
         """Every offer the pool may use now: this node's and each live peer's."""
@@ -615,16 +649,91 @@ class Node:
         """Expose this node's rpc-server to the household through the channel, and run the wanted models
         across the pool (each forms as soon as the household offers enough)."""
         self._expose_rpc()
+        if self.pool_fetch is not None and self.mesh is not None:
+            self._fetch_for_pool(*self.pool_fetch)
         if not self.pool_wanted or self.mesh is None:
             if self.pool_wanted:
                 self.warnings.append("pool: the mesh is off, so no model can run across the household pool")
             return
-        from .pool.manager import PoolManager
-
-        self.pooling = PoolManager(self.pool, self.routing, self.pool_offers, self.connect_member,
-                                   self_node=self.mesh.node)
         for name, path, options in self.pool_wanted:
-            self.pooling.keep(name, path, **options)
+            self._pool_manager().keep(name, path, **options)
+
+    def _pool_manager(self) -> Any:
+        if self.pooling is None:
+            from .pool.manager import PoolManager
+
+            self.pooling = PoolManager(self.pool, self.routing, self.pool_offers, self.connect_member,
+                                       self_node=self.mesh.node if self.mesh is not None else "local")
+        return self.pooling
+
+    def start_auto_pool(self, every: float = AUTO_POOL_S) -> None:
+        """With ``model.name: auto`` and ``pool.auto``: watch the household's offers for the moment they hold
+        the model this node's profile prefers but that does not fit it alone, then run that across the pool."""
+        name = self.config.model.name.strip() or "auto"
+        if name != "auto" or not (self.config.pool.enabled and self.config.pool.auto) or self.mesh is None:
+            return
+        self._auto_pooling = asyncio.get_running_loop().create_task(self._auto_pool(every), name="auto-pool")
+
+    async def _auto_pool(self, every: float) -> None:
+        while self.auto_pool is None:
+            await asyncio.sleep(every)
+            if self.report is None or self.pending is not None:
+                continue  # the own model comes first: its download ends before a pooled one starts
+            try:
+                pick = await asyncio.to_thread(self.pool_pick, self.pool_offers())
+            except Exception as e:  # a bad peer state or a catalogue problem must not end the watch
+                log.warning("pool: cannot weigh the household's offers: %s", e)
+                continue
+            if pick is not None:
+                self._run_pick(pick)
+
+    def pool_pick(self, offers: list[Any]) -> Any:
+        """The preferred model to run across the pool given *offers* (hearth.select.pool_pick), or None."""
+        from . import select
+
+        try:
+            alone = select.select(self.report, self.config)
+        except HearthError:
+            alone = None  # nothing fits this node: any preferred model the pool holds is better than none
+        from .pool.capacity import unclaimed
+
+        own = self.mesh.node if self.mesh is not None else "local"
+        return select.pool_pick(self.report, unclaimed(offers, own), alone, self.config, self_node=own)
+
+    def _run_pick(self, pick: Any) -> None:
+        """Run *pick* across the pool: now when its file is in the store, else once it is fetched."""
+        self.auto_pool = pick
+        name = pick.model.name
+        options = self._pool_options()
+        options.update(context=pick.context, slots=1)
+        log.info("model: %s; running it across the household pool", pick.reason)
+        try:
+            path = find_model_file(self.config, name)
+        except HearthError as e:
+            if not self._fetch_for_pool(name, options):
+                log.warning("pool: cannot run %s across the pool: %s", name, e.message)
+            return
+        self._pool_manager().keep(name, path, **options)
+
+    def _fetch_for_pool(self, name: str, options: dict[str, Any]) -> bool:
+        """Fetch catalogue model *name* (a peer first, then the catalogue's sources), then run it across the
+        pool; False when the catalogue does not know it."""
+        try:
+            from .models.catalogue import load as load_catalogue
+            from .serving.acquire import Acquisition
+        except ImportError:
+            return False
+        entry = load_catalogue().get(name)
+        if entry is None or self.pool_acquisition is not None:
+            return False
+
+        async def ready(path: Path) -> None:
+            self._pool_manager().keep(entry.name, path, **options)
+
+        log.info("pool: %s is not in the store: fetching it", entry.name)
+        self.pool_acquisition = Acquisition(self.config, entry.name, ready, size_hint=entry.size_bytes or None)
+        self.pool_acquisition.start()
+        return True
 
     async def start_mesh(self) -> None:
         """Join the household mesh when it is enabled and set up; otherwise say why not."""
@@ -694,6 +803,8 @@ class Node:
                 "peers": len(self.mesh.peers) if self.mesh is not None else 0}
         if download is not None:
             body["download"] = download
+        if self.pool_acquisition is not None and self.pool_acquisition.state != "done":
+            warnings.append(f"pool: {self.pool_acquisition.line()}")
         if self.rpc is not None or self.pooling is not None:
             pooled = self.pooling.status() if self.pooling is not None else {}
             warnings += [f"pool: {n} waits: {p['reason']}" for n, p in pooled.items() if p["state"] == "waiting"]
@@ -722,6 +833,10 @@ class Node:
             self._switching.cancel()
         if self.acquisition is not None:
             await self.acquisition.stop()
+        if self._auto_pooling is not None:
+            self._auto_pooling.cancel()
+        if self.pool_acquisition is not None:
+            await self.pool_acquisition.stop()
         if self.pooling is not None:
             await self.pooling.stop()
         if self.rpc is not None:
@@ -781,6 +896,7 @@ class Agent:
         await self.node.start_pool_server()
         await self.node.start_mesh()
         self.node.start_pooling()
+        self.node.start_auto_pool()
         with contextlib.suppress(ImportError):
             from .hardware.api import router as hardware_router
 

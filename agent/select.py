@@ -540,6 +540,123 @@ def _nothing_fits(report: Report, cls: HardwareClass, catalogue: Sequence[ModelS
         hint="close other programs or add memory, or let a bigger node in the household serve")
 
 
+@dataclass(frozen=True)
+class PoolPick:
+    """A model this node should run across the household pool: its profile prefers it to the best model
+    that fits this node alone, and the household's offers hold it."""
+
+    model: ModelSpec
+    context: int
+    estimate: Estimate
+    members: tuple[str, ...]
+    """The names of the nodes whose offers hold it, biggest first (this node among them when it offers)."""
+    offered: int
+    """What those offers add up to, bytes."""
+    reason: str
+
+
+def pool_pick(report: Report, offers: Sequence[Any], alone: Choice | None, config: Any = None,
+              catalogue: Sequence[ModelSpec] | None = None, profiles: Profiles | None = None,
+              models_dir: Path | None = None, self_node: str = "local") -> PoolPick | None:
+    """The hardware class's preferred model to run across the pool, or None to serve *alone* only.
+
+    *alone* is what ``select`` chose for this node by itself (None when nothing fits it); *offers* are
+    the household's pool offers (hearth.pool.capacity.Offer: this node's, already less its own model,
+    and its live peers', already less the nodes other pools hold: capacity.unclaimed). Only models the
+    profile ranks above *alone* count, only offers whose rpc-server is up, and at least one peer's; a
+    model some peer already serves as a pool is left to it (the mesh routes there). Nothing here stops
+    *alone*: the pooled model comes besides it. None with ``model.name`` other than auto, or
+    ``pool.enabled`` / ``pool.auto`` off.
+    """
+    settings = getattr(config, "model", None)
+    pool = getattr(config, "pool", None)
+    if str(getattr(settings, "name", "auto") or "auto").strip() != "auto":
+        return None
+    if pool is not None and not (pool.enabled and pool.auto):
+        return None
+    profiles = profiles or load_profiles()
+    catalogue = list(catalogue) if catalogue is not None else load_catalogue()
+    if models_dir is None and config is not None and hasattr(config, "models_dir"):
+        models_dir = config.models_dir
+    forced_ctx = int(getattr(settings, "context", 0) or 0)
+    cls = classify(report, profiles, use_gpus=int(getattr(settings, "gpu_layers", -1)) != 0)
+    ranked = _usable_offers(offers, self_node)
+    if ranked is None:
+        return None
+    pooled_elsewhere = {m for o in offers if o.node != self_node for m in o.serving}
+    for wanted in cls.models:
+        model = _resolve(wanted, catalogue)
+        if model is None:
+            continue
+        if alone is not None and model.name == alone.model.name:
+            return None  # everything the profile ranks higher was tried: this node's own choice is its best
+        if model.name in pooled_elsewhere:
+            log.info("pool: %s is already served across the household pool by a peer", model.label)
+            return None
+        found = _pool_fit(_with_local_facts(model, models_dir), cls, ranked, profiles, forced_ctx, alone)
+        if found is not None:
+            return found
+    return None
+
+
+def _usable_offers(offers: Sequence[Any], self_node: str) -> list[Any] | None:
+    """Offers a pool can use now (rpc-server up, something offered), each node once, biggest first; None
+    without a peer among them (this node alone is no pool)."""
+    usable: dict[str, Any] = {}
+    for o in offers:
+        if o.rpc_ready and o.total > 0:
+            usable.setdefault(o.node, o)  # each node's memory once
+    if not any(node != self_node for node in usable):
+        return None
+    return sorted(usable.values(), key=lambda o: -o.total)
+
+
+def _pool_fit(model: ModelSpec, cls: HardwareClass, ranked: Sequence[Any], profiles: Profiles, forced_ctx: int,
+              alone: Choice | None) -> PoolPick | None:
+    """*model* across the offers *ranked* (biggest first) at the biggest context they hold, or None."""
+    household = sum(o.total for o in ranked)
+    for ctx in _contexts(cls, model, forced_ctx):
+        est = estimate(model, ctx, profiles.margin)
+        if est.total > household:
+            continue
+        members, held = [], 0
+        for o in ranked:
+            members.append(o.name)
+            held += o.total
+            if held >= est.total:
+                break
+        nodes = f"{len(members)} node{'s' if len(members) != 1 else ''}"
+        instead = f"; this node serves {alone.model.label} by itself meanwhile" if alone is not None else ""
+        reason = (f"{model.label}: needs {gib(est.total)} with {_ctx_label(ctx)} context, more than this node "
+                  f"has; the household pool holds it on {nodes} ({' + '.join(members)}: {gib(held)} offered)"
+                  f"{instead}")
+        return PoolPick(model, ctx, est, tuple(members), held, reason)
+    return None
+
+
+def pool_only(report: Report, offers: Sequence[Any], alone: Choice | None,
+              catalogue: Sequence[ModelSpec] | None = None, profiles: Profiles | None = None,
+              self_node: str = "local") -> list[PoolPick]:
+    """Every catalogue model that does not fit this node (*alone*'s memory) but fits across *offers*
+    (unclaimed, this node's own among them), biggest first: what the wizard offers as "runs on 2
+    household nodes"."""
+    profiles = profiles or load_profiles()
+    catalogue = list(catalogue) if catalogue is not None else load_catalogue()
+    ranked = _usable_offers(offers, self_node)
+    if ranked is None:
+        return []
+    cls = classify(report, profiles)
+    free = alone.free if alone is not None else report.memory_available
+    out = []
+    for model in sorted(catalogue, key=lambda m: (not _is_instruct(m), -m.size_bytes)):
+        if estimate(model, min(cls.min_context, model.context_length or cls.min_context), profiles.margin).total <= free:
+            continue  # fits this node by itself: not a pool's job
+        found = _pool_fit(model, cls, ranked, profiles, 0, alone)
+        if found is not None:
+            out.append(found)
+    return out
+
+
 def stand_in(report: Report, config: Any) -> tuple[Any, Choice] | None:
     """The biggest model already in the config's store that fits this hardware, with its Choice: what a
     node serves while the model it should serve is still being fetched (hearth.daemon), and what the

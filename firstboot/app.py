@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from .answers import Answers
-from .messages import HardwareFound, ModelsFound, NetworkFound
+from .messages import HardwareFound, ModelsFound, NetworkFound, PoolModelsFound
 from .screens.admin import AdminScreen
 from .screens.done import DoneScreen
 from .screens.hardware import HardwareScreen
@@ -34,7 +35,7 @@ from .screens.name import NameScreen
 from .screens.network import NetworkScreen
 from .screens.review import ReviewScreen
 from .screens.welcome import WelcomeScreen
-from .services import Services
+from .services import ModelView, Services
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ class FirstBootApp(App[int]):
         self.hardware: Any = None
         self.network: Any = None
         self.models: Any = None
+        """The Model screen's choices: this PC's own, with the household pool's (below) among them."""
+        self._own_models: Any = None
+        self.pool_models: tuple[Any, ...] = ()
+        """Models that fit only across the household pool, once the household step has its code."""
+        self._pool_code = ""
         self.applied = False
         self.default_hostname = self.services.machine_hostname()
 
@@ -90,7 +96,35 @@ class FirstBootApp(App[int]):
         """Show the step after *screen*."""
         order = list(SCREENS_IN_ORDER)
         nxt = order[order.index(type(screen)) + 1]
+        if isinstance(screen, HouseholdScreen):
+            self.ask_household()
         self.push_screen(nxt())
+
+    def ask_household(self) -> None:
+        """Joining: ask the household's nodes what they offer the pool (a new household has no peers yet)."""
+        code = self.answers.join_code if self.answers.household_mode == "join" else ""
+        if code != self._pool_code:
+            self._pool_code = code
+            self.post_message(PoolModelsFound(()))  # another household's offers no longer count
+            if code and hasattr(self.services, "pool_models"):
+                self.find_pool_models(code)
+
+    @work(thread=True, exclusive=True, group="household-pool")
+    def find_pool_models(self, code: str) -> None:
+        """The models that fit only across the household pool (network I/O: off the UI thread)."""
+        for _ in range(600):  # the hardware probe comes first; it takes seconds
+            if self.hardware is not None:
+                break
+            time.sleep(0.1)
+        if self.hardware is None:
+            return
+        try:
+            options = tuple(self.services.pool_models(self.hardware, code))
+        except Exception:  # the pool's models are extra: losing them must not cost the wizard
+            log.exception("asking the household failed")
+            return
+        if code == self._pool_code:
+            self.post_message(PoolModelsFound(options))
 
     # --- workers: probes run off the UI thread -----------------------------------------------------
     @work(thread=True, group="probe")
@@ -145,8 +179,27 @@ class FirstBootApp(App[int]):
 
     def on_models_found(self, message: ModelsFound) -> None:
         """Keep the model choices and tell the open screen."""
-        self.models = message.view
-        self._forward(ModelsFound(message.view))
+        self._own_models = message.view
+        self._show_models()
+
+    def on_pool_models_found(self, message: PoolModelsFound) -> None:
+        """Keep the household pool's models and tell the open screen."""
+        self.pool_models = tuple(message.options)
+        self._show_models()
+
+    def _show_models(self) -> None:
+        """This PC's catalogue choices, then the pool's, then USB files and 'No model for now'."""
+        own = self._own_models
+        if own is None:
+            return
+        options = tuple(own.options)
+        if self.pool_models:
+            taken = {o.name for o in options}
+            extra = tuple(o for o in self.pool_models if o.name not in taken)
+            at = next((i for i, o in enumerate(options) if o.file is not None or o.name == "none"), len(options))
+            options = options[:at] + extra + options[at:]
+        self.models = own if not self.pool_models else ModelView(options, getattr(own, "problem", None))
+        self._forward(ModelsFound(self.models))
 
     def _forward(self, message: Any) -> None:
         if isinstance(self.screen, HardwareScreen | NetworkScreen | ModelScreen):

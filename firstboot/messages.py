@@ -39,6 +39,15 @@ class ModelsFound(Message):
 
 
 @dataclass
+class PoolModelsFound(Message):
+    """Models that fit only across the household pool (services.ModelOption), once peers were asked."""
+
+    bubble = False
+
+    options: Any
+
+
+@dataclass
 class PeerChecked(Message):
     """A join code was checked live against a peer (a services.PeerCheck)."""
 

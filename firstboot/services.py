@@ -134,6 +134,52 @@ class Services:
         options.append(ModelOption("none", "No model for now", "serve nothing until you pick one"))
         return ModelView(tuple(options[:8] + options[-1:] if len(options) > 9 else options), problem)
 
+    def pool_models(self, hw: HardwareView, code: str, peers: list[str] | None = None) -> tuple[ModelOption, ...]:
+        """Models that fit only across the household pool ("runs on 2 household nodes"), biggest first.
+
+        Asks the peers (*peers*, else those mDNS finds) for their signed state over the household channel
+        with the secret of *code*, and weighs their pool offers with this node's own spare memory (what its
+        own model would leave) through the agent's own rules (hearth.select.pool_only). Empty when no peer
+        answers or offers enough; never raises."""
+        try:
+            from hearth import select
+            from hearth.config import Config
+            from hearth.mesh import household
+            from hearth.mesh.client import household_states
+            from hearth.pool.capacity import Offer, offer_devices, unclaimed
+
+            if hw.report is None:
+                return ()
+            secret = household.verify_code(code)
+            urls = peers if peers is not None else self.discover_peers()
+            states = household_states(secret, urls) if urls else []
+            offers = []
+            for state in states:
+                offer = Offer.from_dict(state.get("pool"))
+                if offer is not None and offer.node == state.get("node"):  # a node speaks for itself only
+                    offers.append(offer)
+            try:
+                alone = select.select(hw.report)
+            except Exception:  # nothing fits this node alone: every pooled model is a gain
+                alone = None
+            # This node's own offer once it runs: what its own model leaves (its rpc-server will be up).
+            need, device = (alone.estimate.total, alone.device) if alone is not None else (0, "cpu")
+            own = Offer("this-node", "this node", offer_devices(Config(), hw.report, need, device), True)
+            picks = select.pool_only(hw.report, unclaimed([own, *offers], own.node), alone, self_node=own.node)
+        except Exception as e:  # no pool options is a quiet loss, never a crash
+            log.warning("household pool: %s", getattr(e, "message", e))
+            return ()
+        on_disk = {m.name for m in self.stored_models()}
+        options = []
+        for p in picks:
+            n = len(p.members)
+            label = f"{p.model.label} (runs on {n} household node{'s' if n != 1 else ''}, {p.estimate.total / GIB:.1f} GiB)"
+            reason = (f"{p.model.label} needs {p.estimate.total / GIB:.1f} GiB, more than this node has: it runs "
+                      f"across the household pool on {' + '.join(p.members)} ({p.offered / GIB:.1f} GiB offered), "
+                      "fetched when the node starts; a stored model answers until the pool forms")
+            options.append(ModelOption(p.model.name, _label(label, p.model.name in on_disk), reason))
+        return tuple(options)
+
     def _store_config(self) -> Any:
         """A config whose model store is the node's under this root (the agent's default state dir)."""
         from hearth import config as config_mod

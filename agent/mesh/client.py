@@ -208,6 +208,34 @@ def hello_with_secret(secret: bytes, peer_url: str, timeout: float = 5.0,
         return None
 
 
+def household_states(secret: bytes, peer_urls: list[str], timeout: float = 3.0) -> list[dict[str, Any]]:
+    """The signed state of each node at *peer_urls* that proves the household of *secret* (hello, then
+    state, over the household channel), for a caller that is no node yet (the wizard). A peer that cannot
+    be reached or refuses is left out (logged); blocks up to about *timeout* per peer."""
+    import asyncio
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    async def ask() -> list[dict[str, Any]]:
+        identity = Identity(Ed25519PrivateKey.generate())  # a one-off key: the wizard has no node key yet
+        client = MeshClient(identity, secret, identity.default_name, 0, mesh_port=0)
+        client.http.timeout = httpx.Timeout(timeout)
+        states = []
+        try:
+            for url in dict.fromkeys(peer_urls):
+                base = peer_url_of(url)
+                try:
+                    answer = await client.hello(base)
+                    states.append(await client.state(base, answer.node, timeout=timeout))
+                except (PeerRefused, httpx.HTTPError, ValueError) as e:
+                    log.info("no state from %s: %s", url, e)
+        finally:
+            await client.aclose()
+        return states
+
+    return asyncio.run(ask())
+
+
 class MeshClient:
     """Signed calls to peers over the household channel for the mesh service: hello, state, and the shared
     httpx client (whose transport checks every answer's certificate)."""

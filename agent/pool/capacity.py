@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,6 +51,8 @@ class Offer:
     """Its rpc-server is up (a pool can use it now)."""
     serving: tuple[str, ...] = field(default=())
     """Pooled models this node runs as the head."""
+    members: tuple[str, ...] = field(default=())
+    """The nodes (ids) its pools hold now, forming or serving: each one's rpc-server serves that pool only."""
 
     @property
     def total(self) -> int:
@@ -59,7 +62,7 @@ class Offer:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the mesh state."""
         return {"node": self.node, "name": self.name, "devices": [asdict(d) for d in self.devices],
-                "rpc_ready": self.rpc_ready, "serving": list(self.serving)}
+                "rpc_ready": self.rpc_ready, "serving": list(self.serving), "members": list(self.members)}
 
     @classmethod
     def from_dict(cls, data: Any) -> Offer | None:
@@ -71,7 +74,8 @@ class Offer:
                                    max(0.0, float(d.get("bandwidth_gbs") or 0.0)))
                             for d in data.get("devices") or ())
             return cls(str(data["node"]), str(data.get("name") or data["node"]), devices,
-                       bool(data.get("rpc_ready")), tuple(str(s) for s in data.get("serving") or ()))
+                       bool(data.get("rpc_ready")), tuple(str(s) for s in data.get("serving") or ()),
+                       tuple(str(m) for m in data.get("members") or ()))
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -120,3 +124,17 @@ def offer_devices(config: Config, report: Any, own_need: int = 0, own_device: st
         if left > 0:
             devices.append(Device(str(dev.get("name")), "vram", left, round(bandwidth_gbs * VRAM_BANDWIDTH_FACTOR, 2)))
     return tuple(devices)
+
+
+def unclaimed(offers: Sequence[Offer], me: str) -> list[Offer]:
+    """*offers* less those of nodes that another head's pool holds (forming or serving), each node once.
+
+    rpc-server serves one client at a time, so a node that is a member of someone else's pool has nothing
+    left to give another: counting its offer again would count its memory twice. Pools headed by *me*
+    (this node) do not count against it: they are what it plans."""
+    taken = {m for o in offers if o.node != me for m in o.members}
+    seen: dict[str, Offer] = {}
+    for o in offers:
+        if o.node not in taken and o.node not in seen:
+            seen[o.node] = o
+    return list(seen.values())

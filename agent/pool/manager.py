@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from ..errors import HearthError
 from ..serving.local import Pool, ServerUpstream
 from ..serving.types import Event, GenerationRequest, ModelInfo, UpstreamError, UpstreamLoad
-from .capacity import Offer
+from .capacity import Offer, unclaimed
 from .plan import ModelLayout, Plan, PoolTooSmall, layout_from_gguf, plan
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,11 @@ class PoolManager:
         """The pooled models being served now."""
         return tuple(n for n, pm in self.models.items() if pm.state == "ready")
 
+    def members(self) -> tuple[str, ...]:
+        """The nodes this node's pools hold now (forming or serving), for its offer's ``members``."""
+        return tuple(dict.fromkeys(n for pm in self.models.values() if pm.plan is not None
+                                   and pm.state in ("forming", "ready") for n in pm.plan.members))
+
     def status(self) -> dict[str, Any]:
         """Every pooled model's state and members."""
         return {n: pm.to_dict() for n, pm in self.models.items()}
@@ -196,7 +201,7 @@ class PoolManager:
                 if layout is None:
                     context = int(pm.options.get("context") or 4096) * max(1, int(pm.options.get("slots") or 1))
                     layout = await asyncio.to_thread(layout_from_gguf, pm.path, context)
-                pm.plan = plan(layout, self.offers(), prefer=self.self_node)
+                pm.plan = plan(layout, unclaimed(self.offers(), self.self_node), prefer=self.self_node)
                 why = await self._serve(pm)
             except (PoolTooSmall, PoolUnavailable) as e:
                 pm.state, pm.reason, pm.plan = "waiting", e.message, None

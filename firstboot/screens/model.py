@@ -1,4 +1,5 @@
-"""Model: the profile's choice with its reason, the other models that fit, or a GGUF on a USB drive."""
+"""Model: the profile's choice with its reason, the other models that fit, those that fit only across the
+household pool (once a join code is known), or a GGUF on a USB drive."""
 
 from __future__ import annotations
 
@@ -34,15 +35,20 @@ class ModelScreen(WizardScreen):
         self.show(message.view)
 
     def show(self, view: object) -> None:
-        """Fill the list; highlight the current answer or the recommendation."""
-        self._options = list(getattr(view, "options", ()))
+        """Fill the list; keep the highlighted model (the household's pool models come in later), else
+        highlight the current answer or the recommendation."""
         models = self.query_one("#models", OptionList)
+        before = getattr(self, "_options", [])
+        current = before[models.highlighted].name if models.highlighted is not None and \
+            models.highlighted < len(before) else None
+        self._options = list(getattr(view, "options", ()))
         models.clear_options()
         for n, opt in enumerate(self._options):
             tag = "  - recommended" if n == 0 and opt.file is None and opt.name != "none" else ""
             models.add_option(Option(f"{opt.label}{tag}", id=str(n)))
         names = [o.name for o in self._options]
-        models.highlighted = names.index(self.answers.model) if self.answers.model in names else 0
+        keep = current if current in names else self.answers.model
+        models.highlighted = names.index(keep) if keep in names else 0
         problem = getattr(view, "problem", None)
         if problem:
             self.show_error(problem)

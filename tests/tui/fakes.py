@@ -75,6 +75,17 @@ class FakeServices:
         return PeerCheck(False, f"The node at {url} does not accept this code. Show it again on a member "
                          "with 'hearth household invite' and retype it.", url)
 
+    def pool_models(self, hw: Any, code: str) -> tuple[ModelOption, ...]:
+        """A household whose peer offers 20 GiB: the 32B runs on 2 nodes; another household's code: nothing."""
+        self.calls.append("pool-models")
+        if self.peer_secret is None or household.verify_code(code) != self.peer_secret:
+            return ()
+        return (ModelOption("qwen2.5-32b-instruct",
+                            "Qwen2.5 32B Instruct Q4_K_M (runs on 2 household nodes, 21.5 GiB)",
+                            "Qwen2.5 32B Instruct Q4_K_M needs 21.5 GiB, more than this node has: it runs across "
+                            "the household pool on hearth-b + this node (23.1 GiB offered), fetched when the node "
+                            "starts; a stored model answers until the pool forms"),)
+
     def preset(self) -> Any:
         return None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from fakes import FakeServices
+from fakes import CODE_SECRET, FakeServices
 from textual.pilot import Pilot
 
 from hearth.mesh import household
@@ -81,6 +81,14 @@ def test_household_join_failed(snap_compare, services: FakeServices) -> None:
 
 def test_model(snap_compare, services: FakeServices) -> None:
     assert snap_compare(app_for(services), terminal_size=SIZE, run_before=steps(*("enter",) * 5))
+
+
+def test_model_with_household_pool(snap_compare, services: FakeServices) -> None:
+    """Joined a household whose peer offers memory: a model that fits only across the pool is offered."""
+    services.peer_secret = CODE_SECRET
+    code = household.code_for(CODE_SECRET)
+    assert snap_compare(app_for(services), terminal_size=SIZE,
+                        run_before=steps(*("enter",) * 4, "down", "enter", *code, "enter", "down", "down"))  # to the pooled 32B
 
 
 def test_admin(snap_compare, services: FakeServices) -> None:

@@ -151,6 +151,39 @@ async def test_join_household_checked_live(root: Path, services: FakeServices, t
     assert read_config(root)["household"]["mode"] == "join"
 
 
+async def test_joining_offers_models_that_fit_only_in_the_household_pool(root: Path, services: FakeServices) -> None:
+    """Once the join code is known, the household's offers add "runs on 2 household nodes" models; one is
+    chosen with the keyboard and becomes model.name (the node fetches it and forms the pool when it starts)."""
+    secret = bytes(range(1, 33))
+    services.peer_secret = secret
+    app = FirstBootApp(services, cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        keys = Keys(pilot)
+        await join_with(keys, household.code_for(secret))
+        assert on(app, ModelScreen), screen_text(app)
+        assert services.calls.count("pool-models") == 1
+        text = screen_text(app)
+        assert "Qwen2.5 32B Instruct Q4_K_M (runs on 2 household nodes, 21.5 GiB)" in text, text
+        assert text.index("runs on 2 household nodes") < text.index("(USB drive)") < text.index("No model for now")
+        assert "recommended" in text.splitlines()[5]  # the PC's own pick stays first and highlighted
+        await keys.press("down", "down")
+        assert "across the household pool on hearth-b + this node" in screen_text(app)
+        await keys.press("enter")
+        assert on(app, AdminScreen)
+        await admin_password(keys)
+        await keys.press("enter")
+        assert on(app, DoneScreen)
+    assert read_config(root)["model"]["name"] == "qwen2.5-32b-instruct"
+
+
+async def test_a_new_household_asks_no_peer_for_pool_models(root: Path, services: FakeServices) -> None:
+    app = FirstBootApp(services, cursor_blink=False)
+    async with app.run_test(size=SIZE) as pilot:
+        keys = Keys(pilot)
+        await to_screen(keys, ModelScreen)
+        assert "pool-models" not in services.calls and "household nodes" not in screen_text(app)
+
+
 async def test_join_refused_by_peer_says_so_and_stays(root: Path, services: FakeServices) -> None:
     services.peer_secret = bytes(range(1, 33))
     app = FirstBootApp(services, cursor_blink=False)
