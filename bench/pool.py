@@ -191,7 +191,8 @@ def main() -> int:
         figures.update(bytes_per_token(lan, model, args.tokens))
     finally:
         lan.close()
-    print(textwrap.shorten(f"({time.monotonic() - started:.0f} s)", 80))
+    figures["load_average"] = round(os.getloadavg()[0], 2)
+    print(textwrap.shorten(f"({time.monotonic() - started:.0f} s, load average {figures['load_average']})", 80))
     print(json.dumps(figures))
     return 0
 
