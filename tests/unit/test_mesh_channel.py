@@ -186,3 +186,16 @@ def test_listening_on_a_taken_port_is_a_clear_error():
             assert "mesh.port" in (err.value.hint or "")
 
     asyncio.run(main())
+
+
+async def test_closing_a_forward_cuts_its_open_connections(pair):
+    a, b = pair
+    fwd = await b.forward(a.node, "echo")
+    host, port = fwd.address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"ping")
+    await writer.drain()
+    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+    await fwd.aclose()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # EOF (or reset) at once, not a hang
+    writer.close()
