@@ -15,7 +15,9 @@ Each round uses a fresh prompt (same for all) so prompt evaluation is measured, 
 reports medians of time to first token (TTFT) and ms per token after the first; ratios and added TTFT are
 medians of per-round comparisons, which hold up better than ratios of medians on a loaded machine. Then
 ``--parallel`` streams at once through Hearth and straight to llama-server (aggregate tokens/s), and a 512-
-against a 64-token stream through Hearth. The last line is one JSON object with ``ms_per_token_ratio``,
+against a 64-token stream through Hearth and straight to llama-server, each for several rounds with the order
+alternating; their figures are medians of per-round ratios. ``agent_cpu_ms_per_token`` is the agent's own CPU
+time (the relay: API, router, SSE in and out) per token in the parallel rounds. The last line is one JSON object with ``ms_per_token_ratio``,
 ``ttft_added_ms``, ``parallel_ratio`` and ``long_over_short``.
 
     .venv/bin/python bench/serving.py [--rounds 7] [--tokens 128] [--threads 2] [--parallel 4]
@@ -234,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--model", type=Path, help="GGUF file (default: Gemma 3 270M from its PyPI package)")
     p.add_argument("--no-server", action="store_true", help="skip llama_cpp.server")
+    p.add_argument("--parallel-rounds", type=int, default=3,
+                   help="rounds of the parallel test (Hearth and llama-server, alternating which goes first)")
+    p.add_argument("--length-rounds", type=int, default=3,
+                   help="rounds of the 512- against 64-token test (alternating which goes first)")
     args = p.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the servers started below are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -300,20 +306,33 @@ def main(argv: list[str] | None = None) -> int:
             args.rounds = len(results["direct"])
             if not args.rounds:
                 raise
-        # Parallel: N streams at once through Hearth, then straight to llama-server (same slots), twice each.
+        # Parallel: N streams at once through Hearth and straight to llama-server (same slots), paired by round
+        # with the order alternating, so drifting load from other programs falls on both alike.
         nostop = {"logit_bias": {str(t): -100 for t in eog_tokens(model)}}
         par: dict[str, list[dict[str, float]]] = {"hearth": [], "llama-server": []}
-        for _ in range(2):
-            par["hearth"].append(concurrent(lambda pr: hearth_stream(pr, 64), args.parallel, 64))
-            par["llama-server"].append(concurrent(lambda pr: cpp_stream(pr, 64), args.parallel, 64))
-        # Length: a 512-token stream against a 64-token one, through Hearth (EOS held off by logit_bias).
-        long = measure(lambda: hearth_stream(PROMPT.format(n="long"), 512, **nostop))
-        short = measure(lambda: hearth_stream(PROMPT.format(n="short"), 64, **nostop))
-        # The same lengths straight to llama-server: how much of the growth is llama.cpp's own attention.
-        cpp_long = measure(lambda: sse_stream(cpp_client, "/v1/completions", {
-            **body, "max_tokens": 512, "prompt": PROMPT.format(n="long"), **nostop}))
-        cpp_short = measure(lambda: sse_stream(cpp_client, "/v1/completions", {
-            **body, "max_tokens": 64, "prompt": PROMPT.format(n="short"), **nostop}))
+        parallel_paths = {"hearth": lambda pr: hearth_stream(pr, 64), "llama-server": lambda pr: cpp_stream(pr, 64)}
+        agent_cpu: list[float] = []  # the agent's own CPU seconds per relayed token, in the parallel rounds
+        for r in range(args.parallel_rounds):
+            for name in (["hearth", "llama-server"] if r % 2 == 0 else ["llama-server", "hearth"]):
+                before = cpu_seconds(hearth.pid)
+                par[name].append(concurrent(parallel_paths[name], args.parallel, 64))
+                if name == "hearth":
+                    agent_cpu.append((cpu_seconds(hearth.pid) - before) / max(1.0, par[name][-1]["pieces"]))
+            print(f"parallel round {r + 1}: hearth {par['hearth'][-1]['tokens_per_second']:.1f} tok/s, "
+                  f"llama-server {par['llama-server'][-1]['tokens_per_second']:.1f} tok/s", flush=True)
+        # Length: a 512-token stream against a 64-token one (EOS held off by logit_bias), through Hearth and
+        # straight to llama-server (how much of the growth is llama.cpp's own attention), paired by round.
+        lengths: dict[str, list[float]] = {"hearth": [], "llama-server": []}
+        for r in range(args.length_rounds):
+            for name, url, cl in (("hearth", f"http://127.0.0.1:{hearth_port}/v1/completions", client),
+                                  ("llama-server", "/v1/completions", cpp_client)):
+                runs: dict[int, dict[str, float]] = {}
+                for n in ((512, 64) if r % 2 == 0 else (64, 512)):
+                    runs[n] = measure(lambda n=n, url=url, cl=cl, r=r: sse_stream(cl, url, {
+                        **body, "max_tokens": n, "prompt": PROMPT.format(n=f"length {r} {n}"), **nostop}))
+                lengths[name].append(runs[512]["ms_per_token"] / runs[64]["ms_per_token"])
+            print(f"length round {r + 1}: 512/64 ms per token, hearth {lengths['hearth'][-1]:.3f}, "
+                  f"llama-server {lengths['llama-server'][-1]:.3f}", flush=True)
 
     def med(name: str, key: str) -> float:
         return statistics.median(x[key] for x in results[name]) if results.get(name) else float("nan")
@@ -324,9 +343,6 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [(x[key] / b[key]) if ratio else (x[key] - b[key])
                  for x, b in zip(results.get(name, []), results[base], strict=False)]
         return statistics.median(pairs) if pairs else float("nan")
-
-    def best(rows: list[dict[str, float]], key: str) -> float:
-        return max(r[key] for r in rows)
 
     summary: dict[str, Any] = {
         "model": model.name, "rounds": args.rounds, "tokens": args.tokens, "threads": args.threads,
@@ -342,14 +358,18 @@ def main(argv: list[str] | None = None) -> int:
         "ttft_added_ms": round(paired("hearth", "llama-server", "ttft_ms", ratio=False), 2),
         "todays_loop_ratio": round(paired("direct", "llama-server", "ms_per_token"), 4),
         "llama_cpp_server_ratio": round(paired("server", "llama-server", "ms_per_token"), 4),
-        "parallel_hearth_tokens_per_second": round(best(par["hearth"], "tokens_per_second"), 1),
-        "parallel_llama_server_tokens_per_second": round(best(par["llama-server"], "tokens_per_second"), 1),
-        "parallel_ratio": round(best(par["hearth"], "tokens_per_second")
-                                / best(par["llama-server"], "tokens_per_second"), 4),
+        "parallel_hearth_tokens_per_second": round(statistics.median(r["tokens_per_second"] for r in par["hearth"]), 1),
+        "parallel_llama_server_tokens_per_second": round(statistics.median(
+            r["tokens_per_second"] for r in par["llama-server"]), 1),
+        # Median of the per-round ratios (each round: both sides, back to back).
+        "parallel_ratio": round(statistics.median(h["tokens_per_second"] / c["tokens_per_second"]
+                                                  for h, c in zip(par["hearth"], par["llama-server"], strict=True)), 4),
+        "agent_cpu_ms_per_token": round(1e3 * statistics.median(agent_cpu), 3),
         "parallel_ttft_last_over_first": round(statistics.median(r["ttft_last_ms"] / r["ttft_first_ms"]
                                                                  for r in par["hearth"]), 2),
-        "long_over_short": round(long["ms_per_token"] / short["ms_per_token"], 4),
-        "llama_server_long_over_short": round(cpp_long["ms_per_token"] / cpp_short["ms_per_token"], 4),
+        "long_over_short": round(statistics.median(lengths["hearth"]), 4),
+        "llama_server_long_over_short": round(statistics.median(lengths["llama-server"]), 4),
+        "parallel_rounds": args.parallel_rounds, "length_rounds": args.length_rounds,
         "load_average": round(os.getloadavg()[0], 2),
     }
     print(f"medians over {args.rounds} rounds of {args.tokens} tokens, {args.threads} threads:")
@@ -357,9 +377,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:12s} {med(name, 'ms_per_token'):7.3f} ms/token   TTFT {med(name, 'ttft_ms'):7.2f} ms")
     print(f"  {args.parallel} streams at once: hearth {summary['parallel_hearth_tokens_per_second']} tok/s, "
           f"llama-server {summary['parallel_llama_server_tokens_per_second']} tok/s")
-    print(f"  512 vs 64 tokens through hearth: {long['ms_per_token']:.3f} vs {short['ms_per_token']:.3f} ms/token")
+    print(f"  512 vs 64 tokens, ms/token ratio: hearth {summary['long_over_short']}, "
+          f"llama-server {summary['llama_server_long_over_short']}")
     print(json.dumps(summary))
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def eog_tokens(model: Path) -> list[int]:

@@ -70,6 +70,10 @@ FAKE_SERVER = textwrap.dedent(r'''
             self.send_header("Transfer-Encoding", "chunked"); self.end_headers()
             def send(obj):
                 data = b"data: " + json.dumps(obj).encode() + b"\n\n"
+                if os.environ.get("FAKE_SPLIT"):  # each event in two writes, so reads end mid-event
+                    for part in (data[:9], data[9:]):
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part)); self.wfile.flush(); time.sleep(0.003)
+                    return
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data)); self.wfile.flush()
             chat = self.path.endswith("chat/completions")
             try:
@@ -293,6 +297,30 @@ async def test_a_forced_call_is_begun_with_the_template_s_own_opener(fake_spec: 
         await up.close()
     finally:
         await server.stop()
+
+
+async def test_events_split_across_reads_and_a_second_call_dropped(fake_spec: ServerSpec,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay splits the server's bytes into events itself: an event cut across two reads arrives whole.
+    With parallel_tool_calls false, deltas of a second call are dropped (some formats' grammars allow one)."""
+    from hearth.serving.local import _first_call_only
+
+    monkeypatch.setenv("FAKE_SPLIT", "1")
+    server = ServerProcess(fake_spec)
+    server.start()
+    try:
+        assert await server.wait_ready(10)
+        up = ServerUpstream(server)
+        chunks, fin = await collect(up, chat(max_tokens=4))
+        assert [c.text for c in chunks] == ["tok0 ", "tok1 ", "tok2 ", "tok3 "] and fin.completion_tokens == 4
+        await up.close()
+    finally:
+        await server.stop()
+    two = TokenChunk("", tool_calls=({"index": 0, "function": {"arguments": "}"}},
+                                     {"index": 1, "id": "c2", "function": {"name": "set_light"}}))
+    kept = _first_call_only(two)
+    assert kept is not None and [c["index"] for c in kept.tool_calls] == [0]
+    assert _first_call_only(TokenChunk("", tool_calls=({"index": 1, "function": {"arguments": "{"}},))) is None
 
 
 async def test_load_failure_is_retried_and_reported_with_llama_cpp_s_words(fake_spec: ServerSpec,
