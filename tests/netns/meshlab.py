@@ -230,13 +230,16 @@ class Agent:
             return set()
 
     def wait_up(self, timeout: float = 120.0) -> None:
-        """Until its mesh API answers a signed request."""
+        """Until its channel answers a signed request and its API port answers (the channel opens first)."""
+        import httpx
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc and self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
             with contextlib.suppress(Exception):
                 if self.signed("GET", "/mesh/v1/state", timeout=1.0).status_code == 200:
+                    httpx.get(self.url + "/health", timeout=1.0, trust_env=False)  # any answer: the API listens
                     return
             time.sleep(0.1)
         raise AssertionError(f"{self.name} did not come up:\n{self.log_text()[-3000:]}")
