@@ -212,8 +212,7 @@ class ServerProcess:
 
     def client(self, timeout: float | None = None) -> httpx.AsyncClient:
         """An HTTP client for the server's socket."""
-        # Plain HTTP over a Unix socket: no TLS, so no certificate store to load (tens of ms per client).
-        transport = httpx.AsyncHTTPTransport(uds=str(self.spec.socket_path), verify=False)
+        transport = httpx.AsyncHTTPTransport(uds=str(self.spec.socket_path))
         return httpx.AsyncClient(transport=transport, base_url="http://llama-server",
                                  timeout=httpx.Timeout(timeout, connect=5.0))
 

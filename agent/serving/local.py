@@ -230,38 +230,29 @@ class ServerUpstream:
             async with self._http().stream("POST", path, json=body) as r:
                 if r.status_code != 200:
                     raise _refusal(self.model, r.status_code, await r.aread())
-                tail = b""
-                done = False
-                async for raw in r.aiter_bytes():
-                    # One event per token: 'data: <json>' and a blank line. Splitting the bytes here costs a
-                    # fraction of httpx's line decoding, on the path every token of every stream takes.
-                    events = (tail + raw).split(b"\n\n") if tail else raw.split(b"\n\n")
-                    tail = events.pop()
-                    for data in events:
-                        if not data.startswith(b"data: "):
-                            continue
-                        if data == b"data: [DONE]":
-                            done = True
-                            break
-                        chunk = json.loads(data[6:])
-                        if "error" in chunk:
-                            raise _refusal(self.model, int(chunk["error"].get("code") or 500), data[6:],
-                                           before_first_token=pieces == 0)
-                        if chunk.get("usage"):
-                            usage = chunk["usage"]
-                        for choice in chunk.get("choices") or ():
-                            event = _event(choice, chat)
-                            if single and event is not None and event.tool_calls:
-                                event = _first_call_only(event)
-                            if choice.get("finish_reason"):
-                                reason = choice["finish_reason"]
-                            if event is not None:
-                                if not pieces:
-                                    first = time.perf_counter()
-                                pieces += 1
-                                yield event
-                    if done:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
                         break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise _refusal(self.model, int(chunk["error"].get("code") or 500), data.encode(),
+                                       before_first_token=pieces == 0)
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    for choice in chunk.get("choices") or ():
+                        event = _event(choice, chat)
+                        if single and event is not None and event.tool_calls:
+                            event = _first_call_only(event)
+                        if choice.get("finish_reason"):
+                            reason = choice["finish_reason"]
+                        if event is not None:
+                            if not pieces:
+                                first = time.perf_counter()
+                            pieces += 1
+                            yield event
         except (httpx.TransportError, OSError) as e:
             self.errors += 1
             if self.worker.state != "ready" or isinstance(e, httpx.ConnectError | httpx.RemoteProtocolError | OSError):

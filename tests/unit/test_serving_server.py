@@ -301,7 +301,7 @@ async def test_a_forced_call_is_begun_with_the_template_s_own_opener(fake_spec: 
 
 async def test_events_split_across_reads_and_a_second_call_dropped(fake_spec: ServerSpec,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """The relay splits the server's bytes into events itself: an event cut across two reads arrives whole.
+    """An event cut across two reads arrives whole.
     With parallel_tool_calls false, deltas of a second call are dropped (some formats' grammars allow one)."""
     from hearth.serving.local import _first_call_only
 
