@@ -82,6 +82,13 @@ async def own_hardware(runtime: Any) -> dict[str, Any] | None:
         return None
 
 
+def _api_url(mesh: Any, peer: dict[str, Any]) -> str:
+    """The peer's API (where /hearth/v1/hardware is), not its channel: http://host:api_port."""
+    state = getattr(mesh.peers.get(peer["node"]), "state", None) or {}
+    host, port = peer["host"], int(state.get("api_port") or 8080)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 async def _peer_report(client: httpx.AsyncClient, url: str) -> dict[str, Any] | None:
     now = time.monotonic()
     cached = _peer_hardware.get(url)
@@ -158,7 +165,7 @@ async def household(runtime: Any, pulls: dict[str, dict[str, Any]], host: str | 
             join_code = None
         peers = mesh.peers_summary()
         async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
-            reports = await asyncio.gather(*(_peer_report(client, p["url"]) for p in peers))
+            reports = await asyncio.gather(*(_peer_report(client, _api_url(mesh, p)) for p in peers))
         for p, report in zip(peers, reports, strict=True):
             state = getattr(mesh.peers.get(p["node"]), "state", None) or {}
             models = [{"name": m.get("name"), "state": "ready" if m.get("loaded") else "loading",

@@ -18,9 +18,14 @@ agent_factory = integration.agent_factory
 llama_runtime = integration.llama_runtime
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Headless chromium (the system's), for the whole session."""
+    """Headless chromium (the system's), for one test module.
+
+    Not for the whole session: Playwright's sync API keeps an event loop running in this thread while it is
+    open, and every later test that calls asyncio.run() (the integration tier, run in the same pytest
+    session by ci/test) would fail with "cannot be called from a running event loop".
+    """
     sync_api = pytest.importorskip("playwright.sync_api")
     if not CHROMIUM.is_file():
         pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium; ci/test does)")

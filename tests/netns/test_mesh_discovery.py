@@ -61,7 +61,7 @@ def test_hearth_peers_lists_them_from_the_node_itself(mesh):
     res = run_in(a.ns, PYTHON, "-m", "hearth", "--config", str(a.config_path), "peers")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert lines[0].split()[:5] == ["name", "ip", "models", "load", "last"]
+    assert lines[0].split()[:6] == ["name", "ip", "models", "load", "pool", "last"]
     assert any(line.startswith("hearth-b ") and mesh["B"].ns.address in line for line in lines)
     res = run_in(a.ns, PYTHON, "-m", "hearth", "--config", str(a.config_path), "peers", "--json")
     assert {p["name"] for p in json.loads(res.stdout)["peers"]} == {"hearth-b", "hearth-c", "hearth-d"}
