@@ -23,6 +23,8 @@ import pytest
 
 BOOT = float(os.environ.get("HEARTH_BOOT_TIMEOUT", 1500))
 CHAIN = Path(os.environ.get("HEARTH_UPDATE_CHAIN", "/nonexistent"))
+STEPS = int(os.environ.get("HEARTH_UPDATE_CHAIN_STEPS", 4))
+"""Run only the first N of the 4 steps (a shorter run when time is short; the test says what it skipped)."""
 PRESET = """\
 node:
   name: hearth-ab
@@ -108,9 +110,12 @@ def test_update_chain(harness, releases, tmp_path):
         started = time.monotonic()
         vm = boot(name, mode, url, firmware)
         with vm:
+            # hearth-health runs the same check (its lines look alike): wait for the check unit's own end.
+            if "update" in mode:
+                vm.wait_for(r"hearth-check: update-exit \d+", BOOT)
             vm.wait_for(r"hearth-check: exit \d+", BOOT)
             if "poweroff" in mode:
-                vm.proc.wait(300)
+                vm.proc.wait(600)
             log = vm.log()
             shutil.copy(vm.serial_log, tmp_path / f"serial-{name}.log")
             vm.powerdown(120)
@@ -139,10 +144,16 @@ def test_update_chain(harness, releases, tmp_path):
     assert any(re.fullmatch(r"hearth_2\+3(-0)?\.efi", n) for n in esp_files(work / "disk.raw"))
 
     # 2. v2 boots on its counter, is healthy and blessed; /var is untouched. It installs v3.
-    lines, log = run("v2", "full show-ids update poweroff", f"{releases}/rel-3")
+    if STEPS < 2:
+        pytest.skip(f"HEARTH_UPDATE_CHAIN_STEPS={STEPS}: stopped after the power cut and the retry")
+    lines, log = run("v2", "full show-ids" + (" update" if STEPS > 2 else "") + " poweroff", f"{releases}/rel-3")
     assert lines["exit"] == "0" and lines["version"] == "2", log[-3000:]
     assert {k: lines[k] for k in ids} == ids
     assert b"hearth-health: healthy" in log
+    if STEPS < 3:
+        files = esp_files(work / "disk.raw")
+        assert "hearth_2.efi" in files and "grub:2" in files, files
+        pytest.skip(f"HEARTH_UPDATE_CHAIN_STEPS={STEPS}: stopped after v2 was blessed")
     assert lines["update-exit"] == "0", log[-3000:]
     files = esp_files(work / "disk.raw")
     assert "hearth_2.efi" in files and "grub:2" in files, files
@@ -164,6 +175,8 @@ def test_update_chain(harness, releases, tmp_path):
     files = esp_files(work / "disk.raw")
     assert any(re.fullmatch(r"hearth_3\+0-\d\.efi", n) for n in files) and "hearth_2.efi" in files, files
 
+    if STEPS < 4:
+        pytest.skip(f"HEARTH_UPDATE_CHAIN_STEPS={STEPS}: stopped after the rollback")
     # 4. Legacy BIOS, same stick: grub starts v2 (the last blessed version); updating is refused.
     lines, log = run("bios", "full show-ids update poweroff", f"{releases}/rel-3", firmware="bios")
     assert lines["exit"] == "0" and lines["version"] == "2", log[-3000:]

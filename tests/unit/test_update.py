@@ -49,8 +49,11 @@ def _keys(base: str) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return _keys(str(tmp_path_factory.mktemp("gnupg")))
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    made = _keys(str(tmp_path_factory.mktemp("gnupg")))
+    yield made
+    for who in ("publisher", "stranger"):  # gpg leaves an agent running per home
+        subprocess.run(["gpgconf", "--homedir", str(made[who]), "--kill", "gpg-agent"], check=False)
 
 
 def publish(folder: Path, version: str, keys: dict[str, Path], signer: str = "publisher") -> dict[str, bytes]:
