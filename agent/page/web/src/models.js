@@ -69,6 +69,7 @@ export function initModels() {
     act(async () => {
       const made = await call("POST", "page/v1/keys", { name: $("key-name").value.trim() });
       lastKey = made.key;
+      envLines(); // the lines to paste name the new key the moment it is shown, not after the list reloads
       const box = $("new-key");
       box.replaceChildren(el("p", {}, el("strong", {}, "Copy this key now: it is shown only once.")),
         el("pre", { class: "code", id: "new-key-value" }, made.key));
