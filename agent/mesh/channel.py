@@ -3,17 +3,24 @@
 A connection's ALPN says what it carries:
 
 - ``http/1.1``: the mesh's HTTP requests (hello, state, generate and its streamed answer, embed, model
-  info and model file copies), served by an ASGI app (the mesh router) through uvicorn's HTTP protocol;
+  info and model file copies), served by an ASGI app (the mesh router) through uvicorn's HTTP protocol
+  on the event loop;
 - ``hearth-tunnel/1``: a byte tunnel to a loopback service this node exposes (``expose("rpc", port)``: its
   ``rpc-server``). The dialler sends one line, ``open NAME`` (or ``probe NAME``), the listener answers
   ``OK`` or ``NO reason`` and then relays bytes both ways.
 
 ``forward(node, service)`` is the other end of a tunnel: a loopback listener whose every connection is
 relayed through a new channel connection to that peer's service, so ``llama-server --rpc 127.0.0.1:PORT``
-reaches a peer's ``rpc-server``, which itself listens on loopback only. Every relay is a pair of asyncio
-protocols writing into each other's transport (no copies beyond the kernel's and OpenSSL's, flow control
-by pausing the faster side); TCP keepalive and TCP_USER_TIMEOUT make a dead peer close the local side
-within seconds, so llama.cpp's RPC client sees EOF instead of hanging.
+reaches a peer's ``rpc-server``, which itself listens on loopback only.
+
+Tunnels are the pool's data path (a model's weights on load, activations every token), so they do not go
+through asyncio's TLS transport, which measured at 0.14 of a plain TCP copy between two namespaces: each
+tunnel is one thread driving OpenSSL through memory BIOs (``ssl.SSLObject``) between two non-blocking
+sockets with 256 KiB reads. OpenSSL and the socket calls release the GIL, so the event loop keeps serving
+while a tunnel moves data. The listener tells a tunnel from an HTTP connection by the ALPN in the
+ClientHello (read with MSG_PEEK, before any TLS), and checks the negotiated ALPN again after the handshake.
+TCP keepalive and TCP_USER_TIMEOUT make a dead peer close the local side within seconds, so llama.cpp's
+RPC client sees EOF instead of hanging.
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from .household import Household
 from .identity import Identity
@@ -40,6 +49,12 @@ HANDSHAKE_TIMEOUT_S = 10.0
 DEAD_PEER_S = 5
 """A peer that acknowledges nothing for this long (TCP_USER_TIMEOUT, keepalive) is taken for dead."""
 _MAX_LINE = 256
+_CHUNK = 256 << 10
+"""Bytes read from a socket at a time: large enough that Python's per-call cost is noise beside the copy."""
+_HIGH_WATER = 1 << 20
+"""A tunnel stops reading a side while this much is waiting to be written to the other (flow control)."""
+_TUNNEL_HELLO = bytes([len(ALPN_TUNNEL)]) + ALPN_TUNNEL.encode()
+"""How the tunnel's ALPN appears in a ClientHello's ALPN extension (length-prefixed)."""
 
 
 class ChannelRefused(ChannelError):
@@ -67,105 +82,224 @@ def _tune(sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DEAD_PEER_S * 1000)
 
 
-class _Pipe(asyncio.Protocol):
-    """One side of a relay: what arrives here is written to the other side's transport."""
+class _Tls:
+    """One end of a TLS connection driven by hand: a blocking socket during set-up, memory BIOs for OpenSSL."""
 
-    def __init__(self, count: Callable[[int], None] | None = None,
-                 on_made: Callable[[_Pipe], None] | None = None) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.other: _Pipe | None = None
-        self.count = count
-        self.on_made = on_made
-        self.early: list[bytes] = []
-        self.closed = asyncio.get_running_loop().create_future()
+    def __init__(self, raw: socket.socket, ctx: ssl.SSLContext, server_side: bool) -> None:
+        self.raw = raw
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side)
+        self.plain = b""
+        """Decrypted bytes read past the first line (they belong to the tunnel)."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        if self.on_made is not None:
-            self.on_made(self)
+    def _flush(self) -> None:
+        if self.outgoing.pending:
+            self.raw.sendall(self.outgoing.read())
 
-    def data_received(self, data: bytes) -> None:
-        if self.count is not None:
-            self.count(len(data))
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.write(data)
-        else:
-            self.early.append(data)  # the other side is still being connected
+    def _fill(self) -> None:
+        data = self.raw.recv(65536)
+        if not data:
+            raise ConnectionError("the peer closed the connection")
+        self.incoming.write(data)
 
-    def eof_received(self) -> bool:
-        self._close_other()
-        return False
+    def handshake(self) -> None:
+        """The TLS handshake (raises ssl.SSLError, OSError, TimeoutError or ConnectionError)."""
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._fill()
+        self._flush()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._close_other(abort=exc is not None)
-        if not self.closed.done():
-            self.closed.set_result(None)
+    def send(self, data: bytes) -> None:
+        """Encrypt and send *data* now (set-up messages)."""
+        self.obj.write(data)
+        self._flush()
 
-    def _close_other(self, abort: bool = False) -> None:
-        other = self.other
-        if other is not None and other.transport is not None and not other.transport.is_closing():
-            if abort and other.transport.get_write_buffer_size() == 0:
-                other.transport.abort()
-            else:
-                other.transport.close()  # what is buffered still goes out, then FIN
+    def line(self) -> bytes:
+        """The first line of the tunnel (without its newline); what follows it is kept in self.plain."""
+        while b"\n" not in self.plain:
+            if len(self.plain) > _MAX_LINE:
+                raise ChannelRefused("the first line of the tunnel is too long")
+            try:
+                data = self.obj.read(_MAX_LINE + 1)
+            except ssl.SSLWantReadError:
+                self._fill()
+                continue
+            except ssl.SSLZeroReturnError:
+                data = b""
+            if not data:  # close_notify
+                raise ConnectionError("the peer closed the connection")
+            self.plain += data
+        head, _, self.plain = self.plain.partition(b"\n")
+        return head
 
-    def pause_writing(self) -> None:
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.pause_reading()
+    def goodbye(self) -> None:
+        """Send close_notify and close (a refusal or a probe's answer has been said)."""
+        with contextlib.suppress(ssl.SSLError, OSError):
+            self.obj.unwrap()
+        with contextlib.suppress(OSError):
+            self._flush()
+        self.raw.close()
 
-    def resume_writing(self) -> None:
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.resume_reading()
 
-    def join(self, other: _Pipe) -> None:
-        """Relay both ways between this side and *other*, starting with anything that arrived early."""
-        self.other, other.other = other, self
-        for side in (self, other):
-            early, side.early = side.early, []
-            for data in early:
-                side.data_received(data)
+class _Relay:
+    """A tunnel's data path: plaintext on a loopback socket, TLS on the peer's socket, one thread, both ways."""
+
+    def __init__(self, tls: _Tls, plain: socket.socket, count_out: Callable[[int], None] | None = None,
+                 count_in: Callable[[int], None] | None = None) -> None:
+        self.tls = tls
+        self.plain = plain
+        self.count_out = count_out
+        self.count_in = count_in
+        self.closing = False
+        self._decrypted = memoryview(b"")
 
     def close(self) -> None:
-        """Cut this side now."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.abort()
+        """Cut both sides now (from any thread): the relay's thread sees it at once and ends."""
+        self.closing = True
+        for sock in (self.tls.raw, self.plain):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def run(self) -> None:
+        """Relay until either side ends, then close both (what was already read still goes out)."""
+        try:
+            self._pump()
+        except (OSError, ssl.SSLError, ValueError) as e:
+            log.debug("channel: tunnel ended: %s", e)
+        finally:
+            for sock in (self.tls.raw, self.plain):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _pump(self) -> None:
+        raw, plain, obj, tls = self.tls.raw, self.plain, self.tls.obj, self.tls
+        raw.setblocking(False)
+        plain.setblocking(False)
+        view = memoryview(bytearray(_CHUNK))
+        self._decrypted = memoryview(bytearray(_CHUNK))
+        to_raw = bytearray()
+        to_plain = bytearray()
+        if tls.plain:
+            if self.count_in is not None:
+                self.count_in(len(tls.plain))
+            _send_now(plain, to_plain, tls.plain)
+        # What arrived with the first line may hold more records than that line: decrypt them now, as the
+        # peer may send nothing more until they are answered.
+        raw_done = self._drain(to_plain)
+        plain_done = False
+        rfd, pfd = raw.fileno(), plain.fileno()
+        poll = select.poll()
+        armed: set[int] = set()
+
+        def arm(fd: int, mask: int) -> None:
+            # A side that has ended and has nothing to write is left out: poll would report its hang-up forever.
+            if mask:
+                if fd in armed:
+                    poll.modify(fd, mask)
+                else:
+                    poll.register(fd, mask)
+                    armed.add(fd)
+            elif fd in armed:
+                poll.unregister(fd)
+                armed.discard(fd)
+
+        readable = select.POLLIN | select.POLLHUP | select.POLLERR
+        while not self.closing and not ((raw_done or plain_done) and not to_raw and not to_plain):
+            # Read a side only while the other has room (flow control); a side that ended is only written.
+            arm(rfd, (select.POLLIN if not raw_done and len(to_plain) < _HIGH_WATER else 0)
+                | (select.POLLOUT if to_raw else 0))
+            arm(pfd, (select.POLLIN if not plain_done and len(to_raw) < _HIGH_WATER else 0)
+                | (select.POLLOUT if to_plain else 0))
+            for fd, ev in poll.poll(1000):
+                if fd == rfd:
+                    if ev & select.POLLOUT or (ev & select.POLLERR and to_raw):
+                        del to_raw[:raw.send(to_raw)]  # an error raises here and ends the relay
+                    if ev & readable and not raw_done:
+                        n = raw.recv_into(view)
+                        if not n:
+                            raw_done = True
+                        else:
+                            tls.incoming.write(view[:n])
+                            raw_done = self._drain(to_plain)
+                            if tls.outgoing.pending:  # TLS 1.3 may answer while reading (a key update)
+                                _send_now(raw, to_raw, tls.outgoing.read())
+                else:
+                    if ev & select.POLLOUT or (ev & select.POLLERR and to_plain):
+                        del to_plain[:plain.send(to_plain)]
+                    if ev & readable and not plain_done:
+                        n = plain.recv_into(view)
+                        if not n:
+                            plain_done = True
+                            with contextlib.suppress(ssl.SSLError):
+                                obj.unwrap()  # close_notify: the peer learns the end was meant
+                        else:
+                            if self.count_out is not None:
+                                self.count_out(n)
+                            obj.write(view[:n])
+                        _send_now(raw, to_raw, tls.outgoing.read())
+
+    def _drain(self, to_plain: bytearray) -> bool:
+        """Decrypt every whole record OpenSSL holds and pass it to the local side (what it cannot take now
+        waits in *to_plain*); whether the peer sent its close_notify."""
+        out = self._decrypted
+        ended = False
+        while not ended:
+            filled = 0
+            while filled < len(out):
+                try:
+                    n = cast(int, self.tls.obj.read(len(out) - filled, out[filled:]))  # with a buffer: a count
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    n = 0
+                if not n:  # the peer's close_notify (OpenSSL may report it as a read of nothing)
+                    ended = True
+                    break
+                filled += n
+            if not filled:
+                break
+            if self.count_in is not None:
+                self.count_in(filled)
+            _send_now(self.plain, to_plain, out[:filled])
+            if filled < len(out) and not ended:
+                break
+        return ended
 
 
-class _LineReader(asyncio.Protocol):
-    """Collects the first line of a tunnel connection (the request or the answer), keeping what follows."""
+def _send_now(sock: socket.socket, pending: bytearray, data: bytes | memoryview) -> None:
+    """Send *data* after what is *pending*: straight away when nothing is, keeping what the socket cannot
+    take yet at the end of *pending* (a copy: *data* may be a buffer that is about to be reused)."""
+    if not pending:
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        data = memoryview(data)[sent:]
+    pending += data
 
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = b""
-        self.raw = b""
-        """Everything received, first line included (an HTTP connection hands all of it to the app)."""
-        self.line: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        self.raw += data
-        if not self.line.done():
-            head, sep, rest = self.buffer.partition(b"\n")
-            if sep:
-                self.buffer = rest
-                self.line.set_result(head)
-            elif len(self.buffer) > _MAX_LINE:
-                self.line.set_exception(ChannelRefused("the first line of the tunnel is too long"))
-        if self.line.done() and self.transport is not None:
-            self.transport.pause_reading()
-
-    def eof_received(self) -> bool:
-        self.connection_lost(None)
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.line.done():
-            why = f": {exc}" if exc else ""
-            self.line.set_exception(ChannelRefused(f"the peer closed the channel connection{why}"))
-            self.line.exception()  # whoever waits gets it; nobody waiting is no error
+def _client_hello_alpn_tunnel(sock: socket.socket) -> bool | None:
+    """Whether the TLS ClientHello waiting on *sock* (peeked, not read) offers the tunnel's ALPN; None while
+    its first record has not fully arrived. Raises ChannelRefused for anything that is not TLS."""
+    head = sock.recv(5, socket.MSG_PEEK)
+    if not head:
+        raise ChannelRefused("closed before its ClientHello")
+    if head[0] != 0x16:  # a TLS handshake record
+        raise ChannelRefused("not TLS")
+    if len(head) < 5:
+        return None
+    size = 5 + int.from_bytes(head[3:5], "big")
+    record = sock.recv(size, socket.MSG_PEEK)
+    if len(record) < size:
+        return None
+    return _TUNNEL_HELLO in record
 
 
 class Forward:
@@ -177,69 +311,85 @@ class Forward:
         self.service = service
         self.address = ""
         """'127.0.0.1:PORT': what goes into ``llama-server --rpc``."""
-        self.bytes_out = 0
+        self._out = 0
+        self._in = 0
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._relays: set[_Relay] = set()
+        self._pending: set[socket.socket] = set()
+
+    @property
+    def bytes_out(self) -> int:
         """Bytes relayed from local clients to the peer (for the benchmark)."""
-        self.bytes_in = 0
+        return self._out
+
+    @property
+    def bytes_in(self) -> int:
         """Bytes relayed from the peer to local clients."""
-        self._server: asyncio.AbstractServer | None = None
-        self._pipes: set[_Pipe] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        return self._in
 
     def _sent(self, n: int) -> None:
-        self.bytes_out += n
+        with self._lock:
+            self._out += n
 
     def _received(self, n: int) -> None:
-        self.bytes_in += n
+        with self._lock:
+            self._in += n
 
     async def _start(self) -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        self._listener = listener
+        self.address = f"127.0.0.1:{listener.getsockname()[1]}"
+        self._accepting = asyncio.ensure_future(self._accept_loop(listener))
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._accept, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.address = f"127.0.0.1:{port}"
+        while True:
+            try:
+                local, _ = await loop.sock_accept(listener)
+            except OSError as e:
+                log.warning("channel: forward %s stopped accepting: %s", self.address, e)
+                return
+            local.setblocking(True)
+            self._pending.add(local)
+            threading.Thread(target=self._relay, args=(local,), name=f"hearth-forward-{self.service}",
+                             daemon=True).start()
 
-    def _accept(self) -> _Pipe:
-        return _Pipe(self._sent, on_made=self._accepted)
-
-    def _accepted(self, local: _Pipe) -> None:
-        assert local.transport is not None
-        local.transport.pause_reading()  # until the peer's end is open
-        self._pipes.add(local)
-        task = asyncio.ensure_future(self._connect(local))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _connect(self, local: _Pipe) -> None:
-        assert local.transport is not None
-        _tune(local.transport.get_extra_info("socket"))
+    def _relay(self, local: socket.socket) -> None:
+        _tune(local)
         try:
-            remote = await self.channel._open_tunnel(self.node, self.service, lambda: _Pipe(self._received))
+            tls = self.channel._ask(self.node, "open", self.service)
         except (ChannelError, OSError) as e:
-            log.warning("channel: forward %s of %s to %s failed: %s", local.transport.get_extra_info("peername"),
-                        self.service, self.node, e)
+            log.warning("channel: forward of %s to %s failed: %s", self.service, self.node, e)
             local.close()
-            self._pipes.discard(local)
             return
-        if local.transport.is_closing():
-            remote.close()
-            return
-        self._pipes.add(remote)
-        local.join(remote)
-        local.transport.resume_reading()
-        await asyncio.gather(local.closed, remote.closed)
-        self._pipes.discard(local)
-        self._pipes.discard(remote)
+        finally:
+            self._pending.discard(local)
+        relay = _Relay(tls, local, self._sent, self._received)
+        self._relays.add(relay)
+        if self._listener is None:  # closed meanwhile
+            relay.close()
+        try:
+            relay.run()
+        finally:
+            self._relays.discard(relay)
 
     async def aclose(self) -> None:
         """Stop listening and cut every connection through this forward."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for task in list(self._tasks):
-            task.cancel()
-        for pipe in list(self._pipes):
-            pipe.close()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._pipes.clear()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+            self._accepting = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for local in list(self._pending):
+            with contextlib.suppress(OSError):
+                local.shutdown(socket.SHUT_RDWR)
+        for relay in list(self._relays):
+            relay.close()
         self.channel._forwards.discard(self)
 
 
@@ -253,16 +403,18 @@ class Channel:
         self.host = host
         self.port = port
         self.app = app
-        self._server_ctx = self.credentials.context(server=True, alpn=[ALPN_HTTP, ALPN_TUNNEL])
+        self._http_ctx = self.credentials.context(server=True, alpn=[ALPN_HTTP])
+        self._tunnel_server_ctx = self.credentials.context(server=True, alpn=[ALPN_TUNNEL])
         self._tunnel_ctx = self.credentials.context(server=False, alpn=[ALPN_TUNNEL])
         self._services: dict[str, int] = {}
         self._peers: dict[str, tuple[str, int]] = {}
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
         self._uv: tuple[Any, Any] | None = None
-        self._tunnels: set[_Pipe] = set()
+        self._tunnels: set[_Relay] = set()
         self._forwards: set[Forward] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._refusals: dict[tuple[str, str], float] = {}
+        self._refusals_lock = threading.Lock()
 
     # --- dialling ----------------------------------------------------------------------------------------
 
@@ -285,55 +437,49 @@ class Channel:
         except KeyError:
             raise PeerUnknown(f"node {node} is not a known peer", hint="'hearth peers' lists the household's nodes") from None
 
-    async def _dial(self, node: str, factory: Callable[[], asyncio.Protocol]) -> tuple[asyncio.Transport, Any]:
+    def _ask(self, node: str, verb: str, service: str) -> _Tls:
+        """Dial *node*, prove both ends, and ask for *service* (blocking: a forward's thread, or to_thread).
+        The connection, ready to relay; raises PeerUnknown, PeerUnreachable or ChannelRefused."""
         host, port = self.peer_address(node)
-        loop = asyncio.get_running_loop()
         try:
-            transport, proto = await asyncio.wait_for(
-                loop.create_connection(factory, host, port, ssl=self._tunnel_ctx, server_hostname=host or None,
-                                       ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S), HANDSHAKE_TIMEOUT_S + 1)
-        except ssl.SSLError as e:
-            raise ChannelRefused(f"node {node} at {host}:{port} failed the household handshake: {e.reason or e}",
-                                 hint="is it in this household?") from None
-        except (OSError, TimeoutError) as e:
-            raise PeerUnreachable(f"cannot reach node {node}'s channel at {host}:{port}: {e or 'timed out'}") from None
-        got = peer_node_id(transport.get_extra_info("ssl_object"))
-        if got != node:
-            transport.abort()
-            raise ChannelRefused(f"the node at {host}:{port} is {got or 'unknown'}, not {node}")
-        _tune(transport.get_extra_info("socket"))
-        return transport, proto  # type: ignore[return-value]
-
-    async def _ask(self, node: str, verb: str, service: str) -> tuple[asyncio.Transport, _LineReader]:
-        transport, reader = await self._dial(node, _LineReader)
-        transport.write(f"{verb} {service}\n".encode())
+            raw = socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT_S)
+        except OSError as e:
+            raise PeerUnreachable(f"cannot reach node {node}'s channel at {host}:{port}: {e.strerror or e}") from None
+        _tune(raw)
+        raw.settimeout(HANDSHAKE_TIMEOUT_S)
+        tls = _Tls(raw, self._tunnel_ctx, server_side=False)
         try:
-            answer = await asyncio.wait_for(reader.line, HANDSHAKE_TIMEOUT_S)
-        except TimeoutError:
-            transport.abort()
-            raise PeerUnreachable(f"node {node} did not answer on the channel") from None
-        except ChannelRefused as e:
-            transport.abort()
-            raise ChannelRefused(f"node {node} refused the channel ({e.message})", hint="is it in this household?") from None
-        if answer != b"OK":
-            transport.abort()
-            raise ChannelRefused(f"node {node} refused: {answer.decode(errors='replace').removeprefix('NO ')}")
-        return transport, reader
+            try:
+                tls.handshake()
+            except ssl.SSLError as e:
+                raise ChannelRefused(f"node {node} at {host}:{port} failed the household handshake: {e.reason or e}",
+                                     hint="is it in this household?") from None
+            except (OSError, TimeoutError) as e:  # ConnectionError included: the peer hung up on our certificate
+                raise ChannelRefused(f"node {node} at {host}:{port} failed the household handshake: {e or 'timed out'}",
+                                     hint="is it in this household?") from None
+            got = peer_node_id(tls.obj)
+            if got != node:
+                raise ChannelRefused(f"the node at {host}:{port} is {got or 'unknown'}, not {node}")
+            try:
+                tls.send(f"{verb} {service}\n".encode())
+                answer = tls.line()
+            except ssl.SSLError as e:  # TLS 1.3: a refused client certificate shows up on the first read
+                raise ChannelRefused(f"node {node} refused the channel ({e.reason or e})",
+                                     hint="is it in this household?") from None
+            except (OSError, TimeoutError) as e:
+                raise PeerUnreachable(f"node {node} did not answer on the channel: {e or 'timed out'}") from None
+            if answer != b"OK":
+                raise ChannelRefused(f"node {node} refused: {answer.decode(errors='replace').removeprefix('NO ')}")
+        except BaseException:
+            raw.close()
+            raise
+        raw.settimeout(None)
+        return tls
 
     async def probe(self, node: str, service: str) -> None:
         """Check that *node* is reachable, proves itself and exposes *service*; raises a ChannelError otherwise."""
-        transport, _ = await self._ask(node, "probe", service)
-        transport.close()
-
-    async def _open_tunnel(self, node: str, service: str, factory: Callable[[], _Pipe]) -> _Pipe:
-        transport, reader = await self._ask(node, "open", service)
-        pipe = factory()
-        transport.set_protocol(pipe)
-        pipe.connection_made(transport)
-        if reader.buffer:
-            pipe.early.append(reader.buffer)
-        transport.resume_reading()
-        return pipe
+        tls = await asyncio.to_thread(self._ask, node, "probe", service)
+        tls.goodbye()
 
     async def forward(self, node: str, service: str) -> Forward:
         """A loopback listener relaying to *node*'s exposed *service*; raises PeerUnknown, PeerUnreachable or
@@ -361,7 +507,6 @@ class Channel:
 
     async def start(self) -> None:
         """Listen on host:port for household members; raises ChannelError when the port is taken."""
-        loop = asyncio.get_running_loop()
         if self.app is not None:
             import uvicorn
             from uvicorn.server import ServerState
@@ -370,106 +515,164 @@ class Channel:
             config.load()
             self._uv = (config, ServerState())
         try:
-            self._server = await loop.create_server(self._accept, self.host, self.port, reuse_address=True)
+            listener = socket.create_server((self.host, self.port), reuse_port=False)
         except OSError as e:
             raise ChannelError(f"cannot listen on {self.host}:{self.port} for the mesh: {e.strerror or e}",
                                hint="another program uses the port; set mesh.port in hearth.yaml") from None
+        listener.setblocking(False)
+        self._listener = listener
         if self.port == 0:
-            self.port = self._server.sockets[0].getsockname()[1]
+            self.port = listener.getsockname()[1]
+        self._spawn(self._accept_loop(listener))
         log.info("channel: household members reach this node on %s:%d (mutual TLS 1.3)", self.host, self.port)
 
-    def _accept(self) -> asyncio.Protocol:
-        return _Accepted(self)
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(listener)
+            except OSError as e:
+                if self._listener is None:
+                    return
+                log.warning("channel: accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            self._spawn(self._serve(sock, peer[0] if peer else "?"))
 
     def _refused(self, addr: str, why: str) -> None:
         # Every refusal is logged, but a stranger retrying every few seconds is a WARNING once a minute.
         now = time.monotonic()
-        level = logging.WARNING if now - self._refusals.get((addr, why), -1e9) > 60 else logging.DEBUG
-        if level == logging.WARNING:
-            self._refusals[(addr, why)] = now
-            if len(self._refusals) > 4096:
-                self._refusals.clear()
+        with self._refusals_lock:
+            level = logging.WARNING if now - self._refusals.get((addr, why), -1e9) > 60 else logging.DEBUG
+            if level == logging.WARNING:
+                self._refusals[(addr, why)] = now
+                if len(self._refusals) > 4096:
+                    self._refusals.clear()
         log.log(level, "mesh: refused a channel connection from %s: %s", addr, why)
 
-    async def _serve(self, plain: asyncio.Transport) -> None:
-        """Handshake, then hand the connection to the HTTP app or to a tunnel."""
+    async def _hello(self, sock: socket.socket) -> bool:
+        """Wait (without reading) for the ClientHello; whether it asks for a tunnel."""
         loop = asyncio.get_running_loop()
-        peer = plain.get_extra_info("peername")
-        addr = peer[0] if peer else "?"
-        _tune(plain.get_extra_info("socket"))
-        holder = _LineReader()
+        deadline = loop.time() + HANDSHAKE_TIMEOUT_S
+        while True:
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(sock.fileno(), _wake, ready)
+            try:
+                await asyncio.wait_for(ready, max(0.0, deadline - loop.time()))
+            finally:
+                loop.remove_reader(sock.fileno())
+            tunnel = _client_hello_alpn_tunnel(sock)
+            if tunnel is not None:
+                return tunnel
+            await asyncio.sleep(0.01)  # a ClientHello split across segments: the rest is on its way
+
+    async def _serve(self, sock: socket.socket, addr: str) -> None:
+        """Tell a tunnel from an HTTP connection by its ClientHello and hand it over."""
+        _tune(sock)
         try:
-            tls = await loop.start_tls(plain, holder, self._server_ctx, server_side=True,
-                                       ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            tunnel = await self._hello(sock)
+        except (ChannelRefused, OSError, TimeoutError) as e:
+            self._refused(addr, f"no TLS ClientHello ({getattr(e, 'message', None) or type(e).__name__})")
+            sock.close()
+            return
+        if tunnel:
+            sock.setblocking(True)
+            threading.Thread(target=self._serve_tunnel, args=(sock, addr), name="hearth-tunnel", daemon=True).start()
+        elif self._uv is None:
+            self._refused(addr, "no mesh HTTP here")
+            sock.close()
+        else:
+            await self._serve_http(sock, addr)
+
+    async def _serve_http(self, sock: socket.socket, addr: str) -> None:
+        loop = asyncio.get_running_loop()
+        holder = _Holder()
+        try:
+            tls, _ = await loop.connect_accepted_socket(lambda: holder, sock, ssl=self._http_ctx,
+                                                        ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as e:
             self._refused(addr, f"TLS handshake failed ({getattr(e, 'reason', None) or type(e).__name__})")
-            plain.abort()
+            sock.close()
             return
-        if tls is None:
-            plain.abort()
-            return
-        holder.connection_made(tls)
-        alpn = tls.get_extra_info("ssl_object").selected_alpn_protocol()
-        if alpn == ALPN_HTTP and self._uv is not None:
-            config, state = self._uv
-            http = config.http_protocol_class(config=config, server_state=state, app_state={})
-            tls.set_protocol(http)
-            http.connection_made(tls)
-            if holder.raw:
-                http.data_received(holder.raw)
-            tls.resume_reading()
-            return
-        if alpn != ALPN_TUNNEL:
-            self._refused(addr, f"no such channel protocol ({alpn})")
+        if tls.get_extra_info("ssl_object").selected_alpn_protocol() != ALPN_HTTP:
+            self._refused(addr, "no such channel protocol")
             tls.abort()
             return
-        await self._serve_tunnel(tls, holder, addr)
+        assert self._uv is not None
+        config, state = self._uv
+        http = config.http_protocol_class(config=config, server_state=state, app_state={})
+        tls.set_protocol(http)
+        http.connection_made(tls)
+        if holder.data:
+            http.data_received(b"".join(holder.data))
+        tls.resume_reading()  # type: ignore[attr-defined]
 
-    async def _serve_tunnel(self, tls: asyncio.Transport, holder: _LineReader, addr: str) -> None:
-        loop = asyncio.get_running_loop()
+    def _serve_tunnel(self, raw: socket.socket, addr: str) -> None:
+        """A tunnel, in its own thread: handshake, the request line, then relay to the loopback service."""
+        raw.settimeout(HANDSHAKE_TIMEOUT_S)
+        tls = _Tls(raw, self._tunnel_server_ctx, server_side=True)
         try:
-            line = (await asyncio.wait_for(holder.line, HANDSHAKE_TIMEOUT_S)).decode(errors="replace")
-        except (ChannelRefused, TimeoutError):
-            tls.abort()
+            tls.handshake()
+            if tls.obj.selected_alpn_protocol() != ALPN_TUNNEL:
+                raise ChannelRefused("no such channel protocol")
+            line = tls.line().decode(errors="replace")
+        except (ssl.SSLError, OSError, TimeoutError, ChannelRefused) as e:
+            why = getattr(e, "message", None) or getattr(e, "reason", None) or type(e).__name__
+            self._refused(addr, f"TLS handshake failed ({why})")
+            raw.close()
             return
         verb, _, service = line.partition(" ")
         port = self._services.get(service)
         if verb not in ("open", "probe") or port is None:
-            tls.write(f"NO no service {service!r} here\n".encode())
-            tls.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                tls.send(f"NO no service {service!r} here\n".encode())
+            tls.goodbye()
             return
         if verb == "probe":
-            tls.write(b"OK\n")
-            tls.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                tls.send(b"OK\n")
+            tls.goodbye()
             return
-        remote = _Pipe()
-        tls.set_protocol(remote)
-        remote.connection_made(tls)
-        if holder.buffer:
-            remote.early.append(holder.buffer)
         try:
-            _, local = await loop.create_connection(_Pipe, "127.0.0.1", port)
+            local = socket.create_connection(("127.0.0.1", port), timeout=HANDSHAKE_TIMEOUT_S)
         except OSError as e:
-            tls.write(f"NO {service} is not running ({e.strerror})\n".encode())
-            tls.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                tls.send(f"NO {service} is not running ({e.strerror})\n".encode())
+            tls.goodbye()
             return
-        _tune(local.transport.get_extra_info("socket") if local.transport else None)
-        tls.write(b"OK\n")
-        tls.resume_reading()
-        self._tunnels.update((remote, local))
-        log.debug("channel: %s opened %s", peer_node_id(tls.get_extra_info("ssl_object")), service)
-        remote.join(local)
-        await asyncio.gather(remote.closed, local.closed)
-        self._tunnels.difference_update((remote, local))
+        _tune(local)
+        try:
+            tls.send(b"OK\n")
+        except (OSError, ssl.SSLError):
+            raw.close()
+            local.close()
+            return
+        raw.settimeout(None)
+        local.settimeout(None)
+        relay = _Relay(tls, local)
+        self._tunnels.add(relay)
+        if self._listener is None:  # stopping
+            relay.close()
+        log.debug("channel: %s opened %s", peer_node_id(tls.obj), service)
+        try:
+            relay.run()
+        finally:
+            self._tunnels.discard(relay)
 
     async def stop(self, timeout: float = 1.5) -> None:
         """Stop listening, cut tunnels and forwards, and let HTTP requests in flight finish within *timeout*."""
-        if self._server is not None:
-            self._server.close()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
         for fwd in list(self._forwards):
             await fwd.aclose()
-        for pipe in list(self._tunnels):
-            pipe.close()
+        for relay in list(self._tunnels):
+            relay.close()
         if self._uv is not None:
             _, state = self._uv
             for conn in list(state.connections):
@@ -485,20 +688,21 @@ class Channel:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._server = None
 
 
-class _Accepted(asyncio.Protocol):
-    """A freshly accepted TCP connection: starts the TLS handshake and hands over (see Channel._serve)."""
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
-    def __init__(self, channel: Channel) -> None:
-        self.channel = channel
+
+class _Holder(asyncio.Protocol):
+    """Holds an HTTP connection from its handshake until uvicorn's protocol takes it over."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.pause_reading()  # type: ignore[attr-defined]  # the ClientHello is start_tls's to read
-        task = asyncio.ensure_future(self.channel._serve(transport))  # type: ignore[arg-type]
-        self.channel._tasks.add(task)
-        task.add_done_callback(self.channel._tasks.discard)
+        transport.pause_reading()  # type: ignore[attr-defined]
 
-    def data_received(self, data: bytes) -> None:  # start_tls takes over before any data is read
-        pass
+    def data_received(self, data: bytes) -> None:
+        self.data.append(data)
