@@ -41,6 +41,8 @@ log = logging.getLogger("hearth.agent")
 
 
 AUTO_POOL_S = 10.0
+POOL_SETTLE_S = 2.0
+"""A node's first pool waits until the household's offers have been the same this long (see PoolManager)."""
 """How often a node on ``model.name: auto`` weighs the household's offers for its profile's preferred model."""
 
 
@@ -663,7 +665,8 @@ class Node:
             from .pool.manager import PoolManager
 
             self.pooling = PoolManager(self.pool, self.routing, self.pool_offers, self.connect_member,
-                                       self_node=self.mesh.node if self.mesh is not None else "local")
+                                       self_node=self.mesh.node if self.mesh is not None else "local",
+                                       settle_s=POOL_SETTLE_S)
         return self.pooling
 
     def start_auto_pool(self, every: float = AUTO_POOL_S) -> None:

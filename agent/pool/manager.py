@@ -159,7 +159,8 @@ class PoolManager:
     """Keeps this node's pooled models formed from the household's offers (*offers*, asked each time)."""
 
     def __init__(self, serving: Pool, router: Any, offers: Callable[[], Sequence[Offer]], connect: Connector,
-                 *, self_node: str = "local", retry_s: float = RETRY_S, reform_wait_s: float = REFORM_WAIT_S) -> None:
+                 *, self_node: str = "local", retry_s: float = RETRY_S, reform_wait_s: float = REFORM_WAIT_S,
+                 settle_s: float = 0.0) -> None:
         self.serving = serving
         self.router = router
         self.offers = offers
@@ -167,6 +168,11 @@ class PoolManager:
         self.self_node = self_node
         self.retry_s = retry_s
         self.reform_wait_s = reform_wait_s
+        self.settle_s = settle_s
+        """Before its first pool, the manager waits until the household's offers have not changed for this long
+        (discovery is still finding nodes when the agent starts: a pool formed from the first peer heard
+        would leave out a bigger one that answers a second later)."""
+        self._settled = settle_s <= 0
         self.models: dict[str, PooledModel] = {}
 
     def keep(self, name: str, path: Path, **options: Any) -> PooledModel:
@@ -193,9 +199,23 @@ class PoolManager:
         """Every pooled model's state and members."""
         return {n: pm.to_dict() for n, pm in self.models.items()}
 
+    async def _settle(self) -> None:
+        """Wait until the set of nodes offering memory has been the same for settle_s (at most 5 × settle_s)."""
+        loop = asyncio.get_running_loop()
+        start = stable = loop.time()
+        seen = {o.node for o in self.offers()}
+        while loop.time() - stable < self.settle_s and loop.time() - start < 5 * self.settle_s:
+            await asyncio.sleep(min(0.25, self.settle_s))
+            now = {o.node for o in self.offers()}
+            if now != seen:
+                seen, stable = now, loop.time()
+        self._settled = True
+
     async def _keep(self, pm: PooledModel) -> None:
         layout: ModelLayout | None = None
         said = ""
+        if not self._settled:
+            await self._settle()
         while True:
             try:
                 if layout is None:

@@ -276,6 +276,31 @@ async def test_manager_forms_serves_breaks_and_reforms(tmp_path: Path, fake_serv
     await serving.stop()
 
 
+async def test_the_first_pool_waits_for_discovery_to_settle(tmp_path: Path, fake_server: tuple[str, ...]) -> None:
+    """At start a node hears its peers one by one: its first pool is planned once the offers stop changing,
+    so a bigger member heard a moment later is not left out for the first one heard."""
+    model = write_gguf(tmp_path / "big.gguf", n_layer=4)
+    lay = layout_from_gguf(model, 64)
+    small = lay.overhead + lay.output_bytes + 3 * lay.per_layer
+    offers = {"a": offer("a", ("CPU", small, 10.0)), "b": offer("b", ("CPU", small, 10.0))}
+
+    async def connect(node: str) -> LocalEndpoint:
+        return LocalEndpoint(f"127.0.0.1:{5000 + ord(node[0])}")
+
+    router = Router()
+    serving = Pool(tmp_path / "run")
+    manager = PoolManager(serving, router, lambda: list(offers.values()), connect, self_node="a", retry_s=0.05,
+                          settle_s=0.5)
+    manager.keep("big", model, context=64, slots=1, command=fake_server)
+    await asyncio.sleep(0.3)
+    assert manager.status()["big"]["state"] == "waiting"  # a and b would do, but discovery is still going on
+    offers["c"] = offer("c", ("CPU", 4 * small, 10.0))  # the biggest member answers late
+    await wait_until(lambda: manager.ready() == ("big",))
+    assert "hearth-c" in serving.upstreams["big"].members
+    await manager.stop()
+    await serving.stop()
+
+
 # --- the daemon's glue ---------------------------------------------------------------------------------------
 
 
