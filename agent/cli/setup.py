@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--root", type=Path, default=Path("/"))
     add_json_flag(st)
     st.set_defaults(func=run_status)
+    pp = ss.add_parser("page-password", help="copy the admin password's hash for the household page's sign-in "
+                                             "(run by hearth-page-password.path whenever /etc/shadow changes)")
+    pp.add_argument("--root", type=Path, default=Path("/"))
+    pp.set_defaults(func=run_page_password)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
@@ -84,4 +88,13 @@ def run_status(args: argparse.Namespace) -> int:
         print_json({"configured": configured, "preset": str(found) if found else None})
     else:
         print(f"configured: {'yes' if configured else 'no'}\npreset: {found or 'none'}")
+    return 0
+
+
+def run_page_password(args: argparse.Namespace) -> int:
+    """Give the agent the admin password's current hash (after ``passwd admin``)."""
+    from .. import config
+    from ..setup import apply
+
+    print(apply.page_password(args.root, config.load()))
     return 0

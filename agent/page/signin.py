@@ -11,6 +11,7 @@ cookie. This module imports nothing heavy: the wizard's setup step calls it too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -19,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..fsutil import atomic_write
+from ..fsutil import atomic_open
 from ..setup import password as pw
 
 PASSWORD_FILE = "admin-password"
@@ -36,9 +37,14 @@ def password_path(state_dir: str | os.PathLike[str]) -> Path:
 
 
 def store_password_hash(state_dir: str | os.PathLike[str], hashed: str) -> None:
-    """Keep *hashed* (a ``$6$`` crypt hash) for the page's sign-in, atomically, readable by its owner only."""
+    """Keep *hashed* (a crypt hash: ``$6$``, ``$y$``) for the page's sign-in, atomically, readable by its owner only."""
     Path(state_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write(password_path(state_dir), hashed.strip() + "\n", mode=0o600)
+    owner = Path(state_dir).stat()
+    with atomic_open(password_path(state_dir), mode=0o600) as f:
+        if os.geteuid() == 0 and owner.st_uid != 0:
+            # Run as root while the agent runs (after 'passwd admin'): the agent's user must read the new copy.
+            os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
+        f.write(hashed.strip() + "\n")
 
 
 def _shadow_hash(root: Path) -> str | None:
@@ -48,15 +54,19 @@ def _shadow_hash(root: Path) -> str | None:
         return None  # not root, or no shadow file: the state copy is what counts
     for line in lines:
         fields = line.split(":")
-        if fields[0] == "admin" and len(fields) > 1 and fields[1].startswith("$6$"):
-            return fields[1]
+        if fields[0] == "admin" and len(fields) > 1:
+            return fields[1] if fields[1].startswith("$") else ""  # "!", "*" or "": locked or no password
     return None
 
 
 def copy_from_shadow(root: Path, state_dir: str | os.PathLike[str]) -> str:
-    """The setup step: copy admin's hash from *root*/etc/shadow into *state_dir* (already under *root*)."""
+    """Copy admin's hash from *root*/etc/shadow into *state_dir* (already under *root*): the setup step, and
+    ``hearth setup page-password`` after every change of /etc/shadow. A locked or removed admin password
+    removes the copy, so the page never takes a password the system no longer does."""
     hashed = _shadow_hash(Path(root))
-    if hashed is None:
+    if not hashed:
+        with contextlib.suppress(FileNotFoundError):
+            password_path(state_dir).unlink()
         return "no admin password: the household page signs in from this machine only"
     store_password_hash(state_dir, hashed)
     return "page sign-in uses the admin password"
@@ -66,11 +76,11 @@ def load_password_hash(state_dir: str | os.PathLike[str], root: Path = Path("/")
     """The admin's hash: the state directory's copy, else /etc/shadow when readable; None when unset."""
     try:
         text = password_path(state_dir).read_text(encoding="utf-8").strip()
-        if text.startswith("$6$"):
+        if text.startswith("$"):
             return text
     except (OSError, UnicodeDecodeError):
         pass
-    return _shadow_hash(root)
+    return _shadow_hash(root) or None
 
 
 def check_password(candidate: str, hashed: str | None) -> bool:

@@ -1,4 +1,5 @@
-"""Admin password hashing: SHA-512 crypt (``$6$``), the format /etc/shadow and ``openssl passwd -6`` use.
+"""Admin password hashing: SHA-512 crypt (``$6$``), the format /etc/shadow and ``openssl passwd -6`` use;
+checking also takes any method the system's libcrypt knows (yescrypt, after a ``passwd admin``).
 
 Python 3.13 (the image's) has no ``crypt`` module, so the algorithm (Ulrich Drepper's "Unix crypt using
 SHA-256 and SHA-512", the one glibc implements) is written out here; tests check it against openssl.
@@ -6,8 +7,11 @@ SHA-256 and SHA-512", the one glibc implements) is written out here; tests check
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import secrets
+import threading
 
 _ITOA64 = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _ROUNDS_DEFAULT = 5000
@@ -60,11 +64,38 @@ def sha512_crypt(password: str, salt: str | None = None, rounds: int = _ROUNDS_D
     return f"{prefix}{s.decode()}${out}"
 
 
+_libcrypt: ctypes.CDLL | None = None
+_libcrypt_lock = threading.Lock()
+"""crypt() returns a static buffer: one call at a time."""
+
+
+def _system_crypt(password: str, hashed: str) -> str | None:
+    """*password* hashed with *hashed*'s method and salt by the system's libcrypt (libxcrypt: yescrypt, the
+    hash trixie's ``passwd`` writes, and every other method /etc/shadow may hold); None without libcrypt."""
+    global _libcrypt
+    with _libcrypt_lock:
+        if _libcrypt is None:
+            name = ctypes.util.find_library("crypt") or "libcrypt.so.1"
+            try:
+                lib = ctypes.CDLL(name)
+            except OSError:
+                return None
+            lib.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+            lib.crypt.restype = ctypes.c_char_p
+            _libcrypt = lib
+        out = _libcrypt.crypt(password.encode("utf-8"), hashed.encode("ascii", "replace"))
+    return out.decode("ascii", "replace") if out else None
+
+
 def verify(password: str, hashed: str) -> bool:
-    """Whether *password* matches a ``$6$`` hash."""
+    """Whether *password* matches a crypt hash: ``$6$`` here, any other method (``$y$``: yescrypt, what
+    ``passwd`` writes on trixie) through the system's libcrypt."""
     parts = hashed.split("$")
-    if len(parts) < 4 or parts[1] != "6":
+    if len(parts) < 4:
         return False
+    if parts[1] != "6":
+        got = _system_crypt(password, hashed)
+        return got is not None and got.startswith("$") and secrets.compare_digest(got, hashed)
     rounds = _ROUNDS_DEFAULT
     salt = parts[2]
     if salt.startswith("rounds="):

@@ -46,7 +46,7 @@ def test_hearth_command_and_units(fs):
     hearth = root / "usr/bin/hearth"
     assert hearth.is_symlink() and (root / "usr/lib/hearth/venv/bin/hearth").is_file()
     wants = root / "etc/systemd/system/multi-user.target.wants"
-    for unit in ("hearth-agent.service", "hearth-preset.service", "hearth-check.service"):
+    for unit in ("hearth-agent.service", "hearth-preset.service", "hearth-check.service", "hearth-page-password.path"):
         assert (wants / unit).is_symlink(), f"{unit} is not enabled by the presets"
     assert not (wants / "ssh.service").exists(), "SSH must be off until a key is configured"
     assert "hearth:" in (root / "etc/passwd").read_text(), "the agent's user is missing"

@@ -200,3 +200,47 @@ def test_a_partial_download_in_the_store_shows_as_a_download(tmp_path: Path) -> 
     downloads = client.get("/page/v1/household").json()["downloads"]
     assert downloads == [{"model": "big.gguf", "completed": 1000, "total": 4000, "status": "partly downloaded",
                           "state": "partial", "by": "store"}]
+
+
+def _yescrypt(password: str) -> str:
+    """A yescrypt hash, as trixie's passwd writes it, made by the system's libxcrypt."""
+    import ctypes
+    import ctypes.util
+
+    lib = ctypes.CDLL(ctypes.util.find_library("crypt") or "libcrypt.so.1")
+    lib.crypt_gensalt.restype = lib.crypt.restype = ctypes.c_char_p
+    lib.crypt_gensalt.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p, ctypes.c_int]
+    lib.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    setting = lib.crypt_gensalt(b"$y$", 0, None, 0)
+    return lib.crypt(password.encode(), setting).decode()
+
+
+def test_passwd_admin_later_changes_the_page_password_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """hearth-page-password.path runs 'hearth setup page-password' when /etc/shadow changes: the page then
+    takes the new password (yescrypt, what passwd writes on trixie), refuses the old, and a locked admin
+    password signs nobody in."""
+    from hearth.cli import main
+
+    (tmp_path / "etc").mkdir()
+    shadow = tmp_path / "etc/shadow"
+    shadow.write_text(f"root:*:1::::::\nadmin:{pw.sha512_crypt(PASSWORD)}:20000:0:99999:7:::\n")
+    (tmp_path / "hearth.yaml").write_text("node:\n  name: den\n")
+    monkeypatch.setenv("HEARTH_CONFIG", str(tmp_path / "hearth.yaml"))
+    state = tmp_path / "var/lib/hearth"
+    assert main(["setup", "page-password", "--root", str(tmp_path)]) == 0
+
+    new = _yescrypt("a brand new passphrase")
+    assert new.startswith("$y$")
+    shadow.write_text(f"root:*:1::::::\nadmin:{new}:20001:0:99999:7:::\n")  # passwd admin
+    assert main(["setup", "page-password", "--root", str(tmp_path)]) == 0
+    assert "admin password" in capsys.readouterr().out
+    hashed = signin.load_password_hash(state, root=Path("/nonexistent"))
+    assert hashed == new
+    assert signin.check_password("a brand new passphrase", hashed)
+    assert not signin.check_password(PASSWORD, hashed) and not signin.check_password("a brand new passphras", hashed)
+
+    shadow.write_text(f"root:*:1::::::\nadmin:!{new}:20002:0:99999:7:::\n")  # passwd -l admin
+    assert main(["setup", "page-password", "--root", str(tmp_path)]) == 0
+    assert signin.load_password_hash(state, root=Path("/nonexistent")) is None
+    assert not signin.password_path(state).exists()
