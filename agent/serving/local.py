@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from ..errors import HearthError
 from .llamaserver import ServerProcess, ServerSpec, default_chat_format, gguf_facts
 from .types import (
     Event,
@@ -401,7 +402,7 @@ class Pool:
         facts = gguf_facts(Path(model_path))
         options.setdefault("embedding", bool(facts.get("embedding")))
         if not options.get("chat_format"):
-            options["chat_format"] = default_chat_format(facts)
+            options["chat_format"] = _catalogue_chat_format(Path(model_path)) or default_chat_format(facts)
         known = {f for f in ServerSpec.__dataclass_fields__}
         spec = ServerSpec(name=name, model_path=Path(model_path), socket_path=self.socket_for(name),
                           **{k: v for k, v in options.items() if k in known})
@@ -446,3 +447,15 @@ def _safe(name: str) -> str:
     return ("".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60] or "model")
 
 
+def _catalogue_chat_format(model_path: Path) -> str:
+    """The template the catalogue names for this file (Mistral Small 3's GGUFs carry one without tools:
+    Hearth's own replaces it), by the store's file name; '' when the catalogue has nothing to say."""
+    try:
+        from ..models.catalogue import load
+    except ImportError:
+        return ""
+    try:
+        entry = load().by_file(model_path.name)
+    except (HearthError, OSError):
+        return ""
+    return (entry.chat_format or "") if entry is not None else ""

@@ -33,13 +33,16 @@ FAMILIES = {
     "llama3.1": "meta-llama-Llama-3.1-8B-Instruct.jinja",
     "llama3.2": "meta-llama-Llama-3.2-3B-Instruct.jinja",
     "mistral-nemo": "mistralai-Mistral-Nemo-Instruct-2407.jinja",
-    "mistral-small": "Mistral-Small-3.2-24B-Instruct-2506.jinja",
-    "gemma3": None,  # Hearth's own (profiles/templates/gemma.jinja)
+    "mistral-small-3.2": "Mistral-Small-3.2-24B-Instruct-2506.jinja",
+    "ministral3": "mistralai-Ministral-3-14B-Reasoning-2512.jinja",
+    "devstral": "unsloth-mistral-Devstral-Small-2507.jinja",
+    "gemma3": "hearth:gemma.jinja",  # Hearth's own templates (profiles/templates/)
+    "mistral-small": "hearth:mistral-v7.jinja",  # the catalogue's Mistral Small 3 (2501): its GGUF has no tools
 }
-PARALLEL = {"qwen2.5", "qwen3", "mistral-nemo", "mistral-small", "gemma3"}
+PARALLEL = {"qwen2.5", "qwen3", "mistral-nemo", "mistral-small", "mistral-small-3.2", "gemma3", "ministral3", "devstral"}
 """Families whose template can hold several calls in one turn (llama.cpp's supports_parallel_tool_calls)."""
 UPSTREAM_PARSER_BUG = {
-    "mistral-small": "the vendored llama.cpp's template analysis takes Mistral Small 3.2's [ARGS] for the end of "
+    "mistral-small-3.2": "the vendored llama.cpp's template analysis takes Mistral Small 3.2's [ARGS] for the end of "
                      "the function name, so its grammar and parser want 'name[ARGS][ARGS]{...}' and the native "
                      "'[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}' fails to parse (500); a newer llama.cpp is needed",
 }
@@ -58,6 +61,11 @@ CONVERSATION = [
 ]
 
 
+def _template(name: str, template_files: Path) -> Path:
+    """A family's template: one of the vendored llama.cpp's, or Hearth's own ('hearth:NAME')."""
+    return templates_dir() / name.removeprefix("hearth:") if name.startswith("hearth:") else template_files / name
+
+
 @pytest.fixture(scope="module")
 def template_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sdists = sorted((CACHE / "src").glob("llama_cpp_python-*.tar.gz"))
@@ -66,7 +74,7 @@ def template_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("templates")
     with tarfile.open(sdists[-1]) as tar:
         for member in tar.getmembers():
-            if "/models/templates/" in member.name and Path(member.name).name in FAMILIES.values():
+            if "/models/templates/" in member.name and Path(member.name).name in FAMILIES.values():  # vendored ones
                 member.name = Path(member.name).name
                 tar.extract(member, out)
     return out
@@ -76,7 +84,7 @@ def template_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def test_family_template_renders_tools_calls_and_results(family: str, template_files: Path, tiny_gguf: Path,
                                                                tmp_path: Path, llama_runtime: Any) -> None:
     name = FAMILIES[family]
-    template = template_files / name if name else templates_dir() / "gemma.jinja"
+    template = _template(name, template_files)
     assert template.is_file(), template
     spec = ServerSpec(name=family, model_path=tiny_gguf, socket_path=tmp_path / "t.sock", context=256, threads=1)
     spec.chat_format = ""
@@ -155,7 +163,7 @@ def test_family_tool_calls_come_back_structured(family: str, template_files: Pat
     openai client: the call is written in the family's own syntax and parsed back by llama.cpp."""
     openai = pytest.importorskip("openai")
     name = FAMILIES[family]
-    template = (template_files / name if name else templates_dir() / "gemma.jinja").read_text()
+    template = _template(name, template_files).read_text()
     model = make_tiny_gguf(tmp_path / f"{family}.gguf", n_ctx=8192, chat_template=template)
     agent = agent_factory(model, threads=1, model__context=8192)
     client = openai.OpenAI(base_url=agent.url + "/v1", api_key="unused-on-loopback", max_retries=0, timeout=120)
@@ -227,7 +235,7 @@ def test_mistral_small_s_native_call_does_not_parse_in_this_llama_cpp(template_f
     """The evidence for UPSTREAM_PARSER_BUG: the call exactly as Mistral Small 3.2's template renders it, given
     to llama-server as the answer so far, is refused by its parser; the doubled [ARGS] its grammar wants is
     accepted. When this fails, the vendored llama.cpp has been fixed: drop the xfail."""
-    template = template_files / FAMILIES["mistral-small"]
+    template = template_files / FAMILIES["mistral-small-3.2"]
     model = make_tiny_gguf(tmp_path / "mistral-small.gguf", n_ctx=8192, chat_template=template.read_text())
     spec = ServerSpec(name="mistral-small", model_path=model, socket_path=tmp_path / "m.sock", context=4096, threads=1)
 

@@ -79,3 +79,20 @@ def test_duplicates_and_shape_errors() -> None:
         catalogue.parse("models: [3]\n")
     with pytest.raises(CatalogueError, match="line 2: not valid YAML"):
         catalogue.parse("models: [\n")
+
+
+def test_every_named_template_ships_and_is_served_for_its_file() -> None:
+    """A catalogue chat_format names one of Hearth's templates, and the server for that file gets it (Mistral
+    Small 3's GGUF carries a template without tools: Hearth's mistral-v7 replaces it, by the file's name)."""
+    from hearth.serving.llamaserver import ServerSpec, templates_dir
+    from hearth.serving.local import _catalogue_chat_format
+
+    for e in catalogue.load():
+        if e.chat_format:
+            assert (templates_dir() / f"{e.chat_format}.jinja").is_file(), e.name
+            assert _catalogue_chat_format(Path("/var/lib/hearth/models") / e.file) == e.chat_format
+    mistral = catalogue.load().get("mistral-small-24b-instruct")
+    assert mistral is not None and mistral.chat_format == "mistral-v7"
+    spec = ServerSpec(name="m", model_path=Path(mistral.file), socket_path=Path("s"), chat_format="mistral-v7")
+    assert spec.template_file() == templates_dir() / "mistral-v7.jinja"
+    assert _catalogue_chat_format(Path("someone-elses.gguf")) == ""
