@@ -9,6 +9,7 @@ import asyncio
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -225,22 +226,26 @@ async def wait_until(check, timeout: float = 10.0) -> None:  # type: ignore[no-u
         await asyncio.sleep(0.02)
 
 
+def _manager(tmp_path: Path, offers: dict[str, Offer], **kw: Any) -> tuple[Router, Pool, PoolManager]:
+    """A manager on node a whose members' rpc-servers are made-up loopback endpoints (the fake server never
+    dials them), offered what *offers* holds at each look."""
+
+    async def connect(node: str) -> LocalEndpoint:
+        return LocalEndpoint(f"127.0.0.1:{5000 + ord(node[0])}")
+
+    router = Router()
+    serving = Pool(tmp_path / "run")
+    return router, serving, PoolManager(serving, router, lambda: list(offers.values()), connect, self_node="a",
+                                        retry_s=0.05, **kw)
+
+
 async def test_manager_forms_serves_breaks_and_reforms(tmp_path: Path, fake_server: tuple[str, ...]) -> None:
     model = write_gguf(tmp_path / "big.gguf", n_layer=4)
     lay = layout_from_gguf(model, 64)
     room = lay.overhead + lay.output_bytes + 3 * lay.per_layer  # each member holds 3 of 4 layers at most
     offers = {"a": offer("a", ("CPU", room, 10.0)), "b": offer("b", ("CPU", room, 10.0)),
               "c": offer("c", ("CPU", room, 10.0))}
-    opened: list[str] = []
-
-    async def connect(node: str) -> LocalEndpoint:
-        opened.append(node)
-        return LocalEndpoint(f"127.0.0.1:{5000 + ord(node[0])}")
-
-    router = Router()
-    serving = Pool(tmp_path / "run")
-    manager = PoolManager(serving, router, lambda: list(offers.values()), connect, self_node="a", retry_s=0.05,
-                          reform_wait_s=0.3)
+    router, serving, manager = _manager(tmp_path, offers, reform_wait_s=0.3)
     manager.keep("big", model, context=64, slots=1, command=fake_server)
     await wait_until(lambda: manager.ready() == ("big",))
     up = serving.upstreams["big"]
@@ -283,14 +288,7 @@ async def test_the_first_pool_waits_for_discovery_to_settle(tmp_path: Path, fake
     lay = layout_from_gguf(model, 64)
     small = lay.overhead + lay.output_bytes + 3 * lay.per_layer
     offers = {"a": offer("a", ("CPU", small, 10.0)), "b": offer("b", ("CPU", small, 10.0))}
-
-    async def connect(node: str) -> LocalEndpoint:
-        return LocalEndpoint(f"127.0.0.1:{5000 + ord(node[0])}")
-
-    router = Router()
-    serving = Pool(tmp_path / "run")
-    manager = PoolManager(serving, router, lambda: list(offers.values()), connect, self_node="a", retry_s=0.05,
-                          settle_s=0.5)
+    _, serving, manager = _manager(tmp_path, offers, settle_s=0.5)
     manager.keep("big", model, context=64, slots=1, command=fake_server)
     await asyncio.sleep(0.3)
     assert manager.status()["big"]["state"] == "waiting"  # a and b would do, but discovery is still going on
