@@ -2,9 +2,10 @@
 rpc-server (pool/rpcserver.py) share.
 
 ``Supervised`` starts the program in its own session (a signal meant for the agent's terminal never
-reaches it), keeps the last lines of its log, restarts it with backoff whenever it exits, and stops it
-with SIGTERM, then SIGKILL. A subclass says how one run goes (``_run_once``: launch, wait until it serves,
-wait for its exit) and what its log lines tell (``_saw``).
+reaches it) and bound to the agent's life (it is killed when the agent dies, however the agent dies),
+keeps the last lines of its log, restarts it with backoff whenever it exits, and stops it with SIGTERM,
+then SIGKILL. A subclass says how one run goes (``_run_once``: launch, wait until it serves, wait for its
+exit) and what its log lines tell (``_saw``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,40 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import logging
+import os
+import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+"""prctl(2): the signal the kernel sends this process when its parent dies."""
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child *sig* when its parent dies (PR_SET_PDEATHSIG).
+
+    A program started in its own session otherwise outlives an agent that is killed outright (SIGKILL,
+    the out-of-memory killer, a crash; systemd cleans up its unit's cgroup, nothing else does): a
+    llama-server keeps its model's memory and an rpc-server its port, so the next agent's could not bind.
+    The "parent" is the thread that forks, here the agent's event loop thread, which lives as long as
+    the agent. None where there is no prctl (not Linux)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request: no signal would ever come
+            os._exit(1)
+
+    return arm
 
 
 @dataclass
@@ -101,7 +130,8 @@ class Supervised:
         pipe, devnull = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
         proc = await asyncio.create_subprocess_exec(
             *argv, env=env, stdin=devnull, stdout=pipe if log_on_stdout else devnull,
-            stderr=asyncio.subprocess.STDOUT if log_on_stdout else pipe, start_new_session=True)
+            stderr=asyncio.subprocess.STDOUT if log_on_stdout else pipe, start_new_session=True,
+            preexec_fn=die_with_parent())
         self._proc, self.pid = proc, proc.pid
         stream = proc.stdout if log_on_stdout else proc.stderr
         assert stream is not None

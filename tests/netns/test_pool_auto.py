@@ -95,7 +95,8 @@ def test_the_node_forms_the_pool_by_itself_and_shows_it(household):
     # Nothing fit B alone, but it serves: ready, the reason kept as a warning.
     assert status.returncode == 0 and re.search(r"^status\s+ready$", status.stdout, re.M), status.stdout + status.stderr
     assert re.search(rf"^pooled\s+{MODEL} \(hearth-a 18 layers \+ output\)$", status.stdout, re.M), status.stdout
-    # A serves nothing itself and asked for nothing: the chat it takes goes to B's pooled model.
-    assert MODEL in {m["id"] for m in get(a, "/v1/models")["data"]}
+    # A serves nothing itself and asked for nothing: once B's signed state says what B serves, the chat A
+    # takes goes to B's pooled model.
+    wait_for(lambda: MODEL in {m["id"] for m in get(a, "/v1/models").get("data", [])}, timeout=30, interval=0.3)
     answer = openai_stream(a.ns, LOCAL, MODEL, "Write a short story about a lighthouse keeper.", max_tokens=12)
     assert len(answer["chunks"]) > 2, answer
