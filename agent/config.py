@@ -206,6 +206,9 @@ class ModelSettings:
     slots: int = setting(0, "Requests generated at once (llama-server slots, continuous batching); 0 means the profile's.",
                          in_range(0, 64))
     chat_format: str = setting("", "Chat template for GGUFs without one (gemma, chatml); empty means the GGUF's own.")
+    max_ram_mib: int = setting(0, "Most RAM this node's own model may take, in MiB: the profile picks as for a machine "
+                                  "with that much (a PC that is also someone's desktop); 0 means all that is free.",
+                               in_range(0, 1 << 24))
 
 
 @dataclass(frozen=True)

@@ -326,6 +326,8 @@ class Node:
         self._auto_pooling: asyncio.Task[None] | None = None
         self.pool_fetch: tuple[str, dict[str, Any]] | None = None
         """(catalogue name, options) of a named model too big for this node, to fetch for the pool."""
+        self.alone_failed = False
+        """No model fits this node by itself (``error`` says so): a model run across the pool lifts that."""
 
     async def start_models(self) -> None:
         """Probe the hardware, choose the model and start its worker (loading goes on in the background)."""
@@ -348,6 +350,7 @@ class Node:
             if not await self._plan_fetch(e):
                 self.error = e.message + (f" ({e.hint})" if e.hint else "")
                 log.error("%s", self.error)
+                self.alone_failed = type(e).__name__ == "NothingFits"
             return
         if chosen is None:
             log.info("model.name is 'none': this node serves no model itself")
@@ -710,6 +713,10 @@ class Node:
         options = self._pool_options()
         options.update(context=pick.context, slots=1)
         log.info("model: %s; running it across the household pool", pick.reason)
+        if self.alone_failed and self.error:
+            # The node serves after all (loading until the pool has formed): a fact to show, no longer an error.
+            self.warnings.append(f"{self.error}; {name} runs across the household pool instead")
+            self.error, self.alone_failed = None, False
         try:
             path = find_model_file(self.config, name)
         except HearthError as e:

@@ -416,6 +416,7 @@ def select(report: Report, config: Any = None, catalogue: Sequence[ModelSpec] | 
         models_dir = config.models_dir
     if name == "none":
         return None
+    report = within_cap(report, settings)
     use_gpus = forced_layers != 0
     cls = classify(report, profiles, use_gpus=use_gpus)
     threads = _threads(report, cls, threads_override)
@@ -435,11 +436,20 @@ def select(report: Report, config: Any = None, catalogue: Sequence[ModelSpec] | 
         choice = _auto(report, cpu_cls, catalogue, profiles, forced_ctx, _threads(report, cpu_cls, threads_override),
                        models_dir)
     if choice is None:
-        raise _nothing_fits(report, cls, catalogue, profiles)
+        raise _nothing_fits(report, cls, catalogue, profiles, capped=bool(getattr(settings, "max_ram_mib", 0)))
     if forced_layers > 0 and choice.device == "gpu":
         device = "gpu+cpu" if forced_layers < choice.model.n_layers else "gpu"
         choice = replace(choice, gpu_layers=forced_layers, device=device)
     return choice
+
+
+def within_cap(report: Report, settings: Any) -> Report:
+    """*report* as this node's own model may use it: ``model.max_ram_mib`` caps the RAM, total and free, so
+    the profile picks as for a machine that size (classes are chosen by RAM too)."""
+    cap = int(getattr(settings, "max_ram_mib", 0) or 0) * MIB
+    if not cap or (report.memory <= cap and report.memory_available <= cap):
+        return report
+    return replace(report, memory=min(report.memory, cap), memory_available=min(report.memory_available, cap))
 
 
 def _candidates(cls: HardwareClass, catalogue: Sequence[ModelSpec]) -> list[ModelSpec]:
@@ -528,7 +538,7 @@ def _partial(report: Report, model: ModelSpec, est: Estimate, budgets: list[_Bud
 
 
 def _nothing_fits(report: Report, cls: HardwareClass, catalogue: Sequence[ModelSpec],
-                  profiles: Profiles) -> NothingFits:
+                  profiles: Profiles, capped: bool = False) -> NothingFits:
     if not catalogue:
         return NothingFits("the model catalogue is empty", hint="reinstall Hearth (profiles/models.yaml is missing)")
     smallest = min(catalogue, key=lambda m: m.size_bytes)
@@ -536,8 +546,9 @@ def _nothing_fits(report: Report, cls: HardwareClass, catalogue: Sequence[ModelS
     return NothingFits(
         f"no model fits this node: the smallest, {smallest.label}, needs {gib(est.total)} with "
         f"{_ctx_label(est.context)} context (including a {gib(profiles.margin)} margin); "
-        f"this node has {gib(report.memory_available)} free RAM",
-        hint="close other programs or add memory, or let a bigger node in the household serve")
+        f"this node has {gib(report.memory_available)} free RAM" + (" for it (model.max_ram_mib)" if capped else ""),
+        hint=("raise model.max_ram_mib or set it to 0" if capped else "close other programs or add memory")
+        + ", or let a bigger node in the household serve")
 
 
 @dataclass(frozen=True)
@@ -579,6 +590,7 @@ def pool_pick(report: Report, offers: Sequence[Any], alone: Choice | None, confi
     if models_dir is None and config is not None and hasattr(config, "models_dir"):
         models_dir = config.models_dir
     forced_ctx = int(getattr(settings, "context", 0) or 0)
+    report = within_cap(report, settings)
     cls = classify(report, profiles, use_gpus=int(getattr(settings, "gpu_layers", -1)) != 0)
     ranked = _usable_offers(offers, self_node)
     if ranked is None:

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -318,6 +318,7 @@ def main_netns(args: argparse.Namespace) -> dict[str, Any]:
 
         wait_for(lambda: (health().get("pool") or {}).get("models", {}).get(POOLED, {}).get("state") == "ready",
                  timeout=300, interval=0.5)
+        loaded = health()["pool"]["models"][POOLED]["channel_bytes"]  # the members' shares, sent as it formed
 
         def stream(prompts: list[str], tokens: int) -> list[dict[str, Any]]:
             res = run_in(c.ns, PYTHON, "-c", NETNS_CLIENT, "http://127.0.0.1:8080", POOLED, str(tokens),
@@ -358,11 +359,21 @@ def main_netns(args: argparse.Namespace) -> dict[str, Any]:
         "pool_ms_per_token_ratio": round(med(pool_rows, "ms_per_token") / med(single, "ms_per_token"), 3),
         "ttft_ratio": round(med(pool_rows, "ttft") / med(single, "ttft"), 3),
         "bytes_per_token": round(network_bytes),
+        "load_mib_through_channel": round(loaded / 2**20, 1),
         # Round trips per token are not counted through the channel: 1.0 was measured on loopback (the mode
         # without --netns); 2 are assumed here to stay on the safe side.
         "projection": projection(network_bytes, 2.0, logits=True),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def print_figures(result: dict[str, Any], file: TextIO = sys.stderr) -> None:
+    """The figures one per line (the JSON line on stdout is the machine's copy)."""
+    for key, value in result.items():
+        if key != "projection":
+            print(f"{key:28} {value}", file=file)
+    for link, row in result["projection"]["links"].items():
+        print(f"32B over {link:32} {row['tok_s']} tok/s (network {row['network_ms_per_token']} ms/token)", file=file)
 
 
 if __name__ == "__main__":
@@ -375,10 +386,5 @@ if __name__ == "__main__":
                         help="three agents in network namespaces over the channel (root) instead of loopback")
     cli = parser.parse_args()
     result = main_netns(cli) if cli.netns else asyncio.run(main(cli))
-    for key, value in result.items():
-        if key != "projection":
-            print(f"{key:28} {value}", file=sys.stderr)
-    for link, row in result["projection"]["links"].items():
-        print(f"32B over {link:32} {row['tok_s']} tok/s (network {row['network_ms_per_token']} ms/token)",
-              file=sys.stderr)
+    print_figures(result)
     print(json.dumps(result))

@@ -15,7 +15,6 @@ rpc-server holds no model memory: a pool's head allocates what it needs), superv
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -26,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..serving.llamaserver import Backoff
+from ..serving.supervisor import Backoff, Supervised
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +41,15 @@ def cache_dir(state_dir: Path) -> Path:
     return state_dir / "pool" / "cache"
 
 
-class RpcServer:
+class RpcServer(Supervised):
     """One supervised rpc-server on 127.0.0.1:*port* exposing *devices* (llama.cpp names: CPU, Vulkan0)."""
+
+    program = "rpc-server"
 
     def __init__(self, port: int, devices: Sequence[str] = ("CPU",), *, state_dir: Path, threads: int = 0,
                  ram_limit: int = 0, binary: Path | None = None, backoff: Backoff | None = None,
                  on_ready: Callable[[], None] | None = None, nice: int = NICE) -> None:
+        super().__init__("pool", backoff, log)
         self.port = port
         self.devices = tuple(devices)
         self.state_dir = state_dir
@@ -55,19 +57,8 @@ class RpcServer:
         self.ram_limit = ram_limit
         """Bytes of RAM offered (0: no ceiling set)."""
         self.binary = binary
-        self.backoff = backoff or Backoff()
         self.on_ready = on_ready
         self.nice = nice
-        self.state = "stopped"
-        """'starting', 'ready', 'restarting' or 'stopped'."""
-        self.error: str | None = None
-        self.restarts = 0
-        self.pid: int | None = None
-        self.ready = asyncio.Event()
-        self.log_tail: collections.deque[str] = collections.deque(maxlen=40)
-        self._proc: asyncio.subprocess.Process | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
 
     @property
     def address(self) -> str:
@@ -91,42 +82,10 @@ class RpcServer:
         """The environment: llama.cpp's cache folder set to the state directory's."""
         return {**os.environ, "LLAMA_CACHE": str(cache_dir(self.state_dir))}
 
-    def start(self) -> None:
-        """Begin supervising (returns at once; ``ready`` is set once the port accepts)."""
-        if self._task is None:
-            self._stopping = False
-            self._task = asyncio.get_running_loop().create_task(self._supervise(), name="rpc-server")
-
-    async def _supervise(self) -> None:
-        while not self._stopping:
-            started = time.monotonic()
-            try:
-                await self._run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # supervision must go on whatever happened
-                log.exception("pool: rpc-server supervisor error")
-                self.error = str(e)
-            self.ready.clear()
-            if self._stopping:
-                break
-            delay = self.backoff.next(time.monotonic() - started)
-            self.restarts += 1
-            self.state = "restarting"
-            log.warning("pool: restarting rpc-server in %.2fs (%s)", delay, self.error or "exited")
-            await asyncio.sleep(delay)
-
     async def _run_once(self) -> None:
-        self.state = "starting" if self.restarts == 0 else self.state
         cache_dir(self.state_dir).mkdir(parents=True, exist_ok=True)
-        self.log_tail.clear()
-        proc = await asyncio.create_subprocess_exec(
-            *self.argv(), env=self.env(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-        self._proc, self.pid = proc, proc.pid
+        proc, reader = await self._launch(self.argv(), env=self.env(), log_on_stdout=True)
         self._confine(proc.pid)
-        assert proc.stdout is not None
-        reader = asyncio.get_running_loop().create_task(self._read_log(proc.stdout))
         try:
             if await self._wait_listening(proc):
                 self.state, self.error = "ready", None
@@ -142,12 +101,7 @@ class RpcServer:
                 self.error = f"rpc-server {what}" + (f": {last}" if last and code != -signal.SIGKILL else "")
                 log.error("pool: %s", self.error)
         finally:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(reader, 2.0)
-            if proc.returncode is None and not self._stopping:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+            await self._reap(proc, reader)
 
     def _confine(self, pid: int) -> None:
         """Lower the server's CPU priority and cap its memory, right after it started (before it allocates:
@@ -161,15 +115,6 @@ class RpcServer:
             except (OSError, ValueError) as e:
                 log.warning("pool: cannot cap rpc-server's memory: %s", e)
 
-    async def _read_log(self, stream: asyncio.StreamReader) -> None:
-        while True:
-            raw = await stream.readline()
-            if not raw:
-                return
-            line = raw.decode(errors="replace").rstrip()
-            self.log_tail.append(line)
-            log.debug("rpc-server: %s", line)
-
     async def _wait_listening(self, proc: asyncio.subprocess.Process, timeout: float = 60.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -182,27 +127,6 @@ class RpcServer:
             await asyncio.sleep(0.05)
         self.error = f"rpc-server did not listen on {self.address} within {timeout:.0f}s"
         return False
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Stop the server: SIGTERM, then SIGKILL after *timeout* seconds."""
-        self._stopping = True
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self.state = "stopped"
-        self.ready.clear()
 
 
 def _listening(port: int) -> bool:

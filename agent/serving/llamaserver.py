@@ -15,18 +15,19 @@ dies. serving/local.py turns it into an upstream for the router.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import re
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from .supervisor import Backoff, Supervised
 
 log = logging.getLogger(__name__)
 
@@ -41,25 +42,6 @@ DEFAULT_CONTEXT_CAP = 8192
 
 _OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 _BUFFER = re.compile(r"load_tensors:\s+(\S+) model buffer size =\s+([0-9.]+) MiB")
-
-
-@dataclass
-class Backoff:
-    """Restart delays that double after each quick failure and reset once a server has run a while."""
-
-    first: float = 0.25
-    limit: float = 30.0
-    stable_after: float = 60.0
-    """A server that ran this long before dying counts as healthy: the next restart is immediate-ish."""
-    current: float = field(default=0.0, init=False)
-
-    def next(self, ran_for: float) -> float:
-        """The delay before the next start, given how long the last server ran."""
-        if ran_for >= self.stable_after or self.current == 0.0:
-            self.current = self.first
-        else:
-            self.current = min(self.limit, self.current * 2)
-        return self.current
 
 
 @dataclass
@@ -187,26 +169,18 @@ def gguf_facts(path: Path) -> dict[str, Any]:
             "size_bytes": size, "n_layer": meta.get(f"{arch}.block_count")}
 
 
-class ServerProcess:
+class ServerProcess(Supervised):
     """One supervised llama-server: started, health-checked, restarted with backoff, stopped gracefully."""
+
+    program = "llama-server"
 
     def __init__(self, spec: ServerSpec, load_timeout: float = 600.0, ping_interval: float = 5.0,
                  backoff: Backoff | None = None) -> None:
+        super().__init__(f"model {spec.name}", backoff, log)
         self.spec = spec
         self.load_timeout = load_timeout
         self.ping_interval = ping_interval
-        self.backoff = backoff or Backoff()
-        self.state = "stopped"
-        """'starting', 'ready', 'restarting', 'failed' (load error, retrying) or 'stopped'."""
         self.info: dict[str, Any] = {}
-        self.error: str | None = None
-        self.restarts = 0
-        self.pid: int | None = None
-        self.ready = asyncio.Event()
-        self.log_tail: collections.deque[str] = collections.deque(maxlen=40)
-        self._proc: asyncio.subprocess.Process | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self._offloaded: tuple[int, int] | None = None
         self._buffers: dict[str, float] = {}
 
@@ -216,11 +190,8 @@ class ServerProcess:
         return httpx.AsyncClient(transport=transport, base_url="http://llama-server",
                                  timeout=httpx.Timeout(timeout, connect=5.0))
 
-    def start(self) -> None:
-        """Begin supervising (returns at once; ``ready`` is set when the model is loaded)."""
-        if self._task is None:
-            self._stopping = False
-            self._task = asyncio.get_running_loop().create_task(self._supervise(), name=f"server:{self.spec.name}")
+    def _task_name(self) -> str:
+        return f"server:{self.spec.name}"
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
         """True once the server serves (False after *timeout* seconds)."""
@@ -230,41 +201,13 @@ class ServerProcess:
         except TimeoutError:
             return False
 
-    async def _supervise(self) -> None:
-        while not self._stopping:
-            started = time.monotonic()
-            try:
-                await self._run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # supervision must go on whatever happened
-                log.exception("model %s: supervisor error", self.spec.name)
-                self.error = str(e)
-            self.ready.clear()
-            if self._stopping:
-                break
-            delay = self.backoff.next(time.monotonic() - started)
-            self.restarts += 1
-            if self.state != "failed":
-                self.state = "restarting"
-            log.warning("model %s: restarting llama-server in %.2fs (%s)", self.spec.name, delay,
-                        self.error or "exited")
-            await asyncio.sleep(delay)
-
-    async def _read_log(self, stream: asyncio.StreamReader) -> None:
-        while True:
-            raw = await stream.readline()
-            if not raw:
-                return
-            line = raw.decode(errors="replace").rstrip()
-            self.log_tail.append(line)
-            found = _OFFLOADED.search(line)
-            if found:
-                self._offloaded = (int(found.group(1)), int(found.group(2)))
-            buffer = _BUFFER.search(line)
-            if buffer:
-                self._buffers[buffer.group(1)] = self._buffers.get(buffer.group(1), 0.0) + float(buffer.group(2))
-            log.debug("llama-server %s: %s", self.spec.name, line)
+    def _saw(self, line: str) -> None:
+        found = _OFFLOADED.search(line)
+        if found:
+            self._offloaded = (int(found.group(1)), int(found.group(2)))
+        buffer = _BUFFER.search(line)
+        if buffer:
+            self._buffers[buffer.group(1)] = self._buffers.get(buffer.group(1), 0.0) + float(buffer.group(2))
 
     def _last_error(self) -> str:
         for line in reversed(self.log_tail):
@@ -273,20 +216,12 @@ class ServerProcess:
         return self.log_tail[-1].strip() if self.log_tail else ""
 
     async def _run_once(self) -> None:
-        self.state = "starting" if self.restarts == 0 else self.state
         sock = self.spec.socket_path
         sock.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
             sock.unlink()
         self._offloaded, self._buffers = None, {}
-        self.log_tail.clear()
-        proc = await asyncio.create_subprocess_exec(
-            *self.spec.argv(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, start_new_session=True)
-        self._proc = proc
-        self.pid = proc.pid
-        assert proc.stderr is not None
-        reader = asyncio.get_running_loop().create_task(self._read_log(proc.stderr))
+        proc, reader = await self._launch(self.spec.argv())
         try:
             if not await self._wait_healthy(proc):
                 return
@@ -301,10 +236,7 @@ class ServerProcess:
                 self.error = f"llama-server {what}"
                 log.error("model %s: llama-server (pid %d) %s", self.spec.name, proc.pid, what)
         finally:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(reader, 2.0)
-            if proc.returncode is None and self._stopping is False:
-                await self._kill(proc)
+            await self._reap(proc, reader)
 
     async def _wait_healthy(self, proc: asyncio.subprocess.Process) -> bool:
         deadline = time.monotonic() + self.load_timeout
@@ -390,29 +322,9 @@ class ServerProcess:
                     await self._kill(proc)
                     return
 
-    async def _kill(self, proc: asyncio.subprocess.Process) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop the server: SIGTERM, then SIGKILL after *timeout* seconds."""
-        self._stopping = True
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout)
-            except TimeoutError:
-                await self._kill(proc)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self.state = "stopped"
-        self.ready.clear()
+        await super().stop(timeout)
         with contextlib.suppress(OSError):
             self.spec.socket_path.unlink()
 

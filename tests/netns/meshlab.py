@@ -103,11 +103,37 @@ class Lan:
         ip("-n", ns.name, "link", "set", name, "up")
 
     def close(self) -> None:
-        """Remove every namespace (their veths go with them) and the bridge."""
+        """End every process still in the namespaces, remove them (their veths go with them) and the bridge.
+
+        A namespace is to its processes what a systemd unit is to its cgroup: a node killed in a test (a
+        pulled plug), a program a failed test never stopped, all end with it. ``ip netns del`` alone would
+        leave them running, detached, in a namespace nobody can name any more."""
         for ns in self.namespaces:
-            subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True)
+            kill_namespace(ns)
             ip("netns", "del", ns.name, check=False)
         ip("link", "del", self.bridge, check=False)
+
+
+def kill_namespace(ns: Namespace, timeout: float = 5.0) -> None:
+    """SIGKILL every process in *ns* and wait (up to *timeout* s) until none is left running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = [int(p) for p in ip("netns", "pids", ns.name, check=False).stdout.split()]
+        running = [p for p in pids if _running(p)]
+        if not running or time.monotonic() > deadline:
+            return
+        for pid in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Not yet a zombie (a killed process stays listed until its parent reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @dataclass
@@ -177,10 +203,14 @@ class Agent:
     def start(self) -> None:
         """Start the node in its namespace (output to agent.log)."""
         self.write_config()
+        from hearth.serving.supervisor import die_with_parent
+
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with self.log.open("ab") as out:
+            # `ip netns exec` execs the agent (same pid); it dies with the test run, however that ends, and its
+            # own llama-server and rpc-server die with it.
             self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns.name, *self.command()], stdout=out,
-                                         stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                                         stderr=subprocess.STDOUT, env=env, cwd=ROOT, preexec_fn=die_with_parent())
 
     def kill(self) -> None:
         """SIGKILL: no goodbye, no clean shutdown (a pulled plug)."""

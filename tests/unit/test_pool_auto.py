@@ -99,6 +99,25 @@ def test_nothing_fits_alone_but_the_pool_holds_the_preferred_model() -> None:
     assert got is not None and got.model.name == "gemma3-4b" and "meanwhile" not in got.reason
 
 
+def test_a_ram_cap_on_the_own_model_picks_as_for_a_smaller_machine() -> None:
+    from hearth.select import NothingFits
+
+    # Alone with 6 GiB free the office PC runs Gemma 3 4B, its profile's best. Capped at 4 GiB it is a
+    # 'cpu-small' machine (under 7 GiB), whatever it has; capped at 1 GiB nothing fits it, and the pool
+    # gets that class's best.
+    assert pick([offer("a", 0.5), offer("b", 2.0)], report=office_pc(6.0)) is None
+    small = select(office_pc(6.0), Config().replace(**{"model.max_ram_mib": 4096}), catalogue=CATALOGUE,
+                   profiles=PROFILES)
+    assert small is not None and small.hardware_class == "cpu-small" and small.free == 4096 << 20
+    capped = pool_pick(office_pc(6.0), [offer("a", 0.5), offer("b", 2.0)], None,
+                       Config().replace(**{"model.max_ram_mib": 1024}), catalogue=CATALOGUE, profiles=PROFILES,
+                       self_node="a")
+    assert capped is not None and capped.model.name == "qwen2.5-1.5b-instruct"
+    with pytest.raises(NothingFits) as caught:
+        select(office_pc(6.0), Config().replace(**{"model.max_ram_mib": 512}), catalogue=CATALOGUE, profiles=PROFILES)
+    assert "model.max_ram_mib" in caught.value.message and "model.max_ram_mib" in (caught.value.hint or "")
+
+
 def test_offer_members_round_trip() -> None:
     o = offer("c", 1.0, serving=("m",), members=("a", "b"))
     assert Offer.from_dict(o.to_dict()) == o
@@ -148,6 +167,29 @@ async def test_the_node_fetches_the_pick_then_runs_it_across_the_pool(tmp_path: 
     assert node.pool.upstreams == {}  # nothing local was stopped or replaced (there was none to start with)
     assert node._auto_pooling is not None and node._auto_pooling.done()  # one pick, then the watch ends
     node.rpc = node.mesh = None  # fakes: nothing to stop there
+    await node.stop(1.0)
+
+
+async def test_a_node_nothing_fits_alone_is_no_error_once_the_pool_serves_for_it(tmp_path: Path) -> None:
+    from hearth.daemon import Node
+
+    # This machine, probed for real, with 1 GiB for its own model: nothing in the catalogue fits.
+    node = Node(Config().replace(**{"state.dir": str(tmp_path), "model.max_ram_mib": 1024}))
+    await node.start_models()
+    assert node.alone_failed and node.health()["status"] == "error"
+    got = pool_pick(node.report, [offer("a", 0.0), offer("b", 5.0)], None, node.config, catalogue=CATALOGUE,
+                    profiles=PROFILES, self_node="a")
+    assert got is not None
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / got.model.file).write_bytes(b"GGUF")
+    kept: list[str] = []
+    node._pool_manager = lambda: SimpleNamespace(  # type: ignore[method-assign]
+        keep=lambda name, path, **options: kept.append(name))
+    node._run_pick(got)
+    assert kept == [got.model.name]
+    health = node.health()
+    assert health["status"] != "error" and any("no model fits this node" in w and "runs across the household "
+                                               "pool instead" in w for w in health["warnings"]), health
     await node.stop(1.0)
 
 
