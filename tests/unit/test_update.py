@@ -244,16 +244,21 @@ def test_boot_entries_counting_and_fallback(tmp_path: Path) -> None:
     assert boot.version_key("1.10") > boot.version_key("1.9")
 
 
-def test_health_verdict(tmp_path: Path) -> None:
+def test_health_verdict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ok, bad = tmp_path / "ok", tmp_path / "bad"
-    ok.write_text("#!/bin/sh\nexit 0\n")
-    bad.write_text("#!/bin/sh\nexit 123\n")
+    ok.write_text("#!/bin/sh\necho 'hearth-check: exit 0'\nexit 0\n")
+    bad.write_text("#!/bin/sh\necho 'hearth-check: FAIL: no agent' >&2\necho 'hearth-check: exit 123'\nexit 123\n")
     ok.chmod(0o755)
     bad.chmod(0o755)
     assert health.verdict(str(bad), tmp_path / "not-configured")  # the wizard is still waiting: OS only
     (tmp_path / "configured").touch()
     assert health.verdict(str(ok), tmp_path / "configured")
     assert not health.verdict(str(bad), tmp_path / "configured")
+    # The check's lines are relabelled, so the console never shows a second "hearth-check: exit" verdict
+    # beside hearth-check.service's own on the same boot (the image tests wait for that one).
+    out = capsys.readouterr().out
+    assert "hearth-health: check: exit 0" in out and "hearth-health: check: FAIL: no agent" in out
+    assert "hearth-check:" not in out
 
 
 def test_preflight_refuses_bios_old_layout_and_full_esp(tmp_path: Path, keys: dict[str, Path],
