@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -85,14 +86,19 @@ def kvm_works(timeout: float = 30.0) -> bool:
     return ok
 
 
-def esp_offset(image: Path) -> int:
-    """Byte offset of the image's FAT partition (the ESP, label HEARTH), read from its GPT."""
+def partitions(image: Path) -> list[dict[str, Any]]:
+    """The image's GPT entries as sfdisk reports them, with start and size in bytes (type, name, uuid)."""
     out = subprocess.run(["sfdisk", "--json", str(image)], check=True, capture_output=True, text=True).stdout
     table = json.loads(out)["partitiontable"]
     sector = int(table.get("sectorsize", 512))
-    for part in table["partitions"]:
+    return [{**p, "start": int(p["start"]) * sector, "size": int(p["size"]) * sector} for p in table["partitions"]]
+
+
+def esp_offset(image: Path) -> int:
+    """Byte offset of the image's FAT partition (the ESP, label HEARTH), read from its GPT."""
+    for part in partitions(image):
         if part["type"].lower() == ESP_TYPE:
-            return int(part["start"]) * sector
+            return int(part["start"])
     raise QemuError(f"{image}: no EFI system partition in its partition table")
 
 

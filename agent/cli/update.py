@@ -101,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
                           hint="set update.url in hearth.yaml ('hearth config set update.url URL') or pass --from URL")
     current = boot.image_version()
     if args.action == "apply":
-        boot.require_uefi()  # before downloading hundreds of MiB a BIOS boot may not install
+        # Before downloading hundreds of MiB that a BIOS boot or an old single-root stick cannot install.
+        boot.require_uefi()
+        current = apply.require_ab_layout()
     if args.action == "check":
         work = fetch.store_dir(cfg.state.dir) / "probe"
         offers = []
@@ -173,5 +175,5 @@ def _status(cfg: Any, as_json: bool) -> int:
     if not uefi:
         print(f"updates: off ({boot.BIOS_REFUSAL}); {boot.BIOS_HINT}")
     elif current is None:
-        print(f"updates: off; {apply.MIGRATION_HINT}")
+        print(f"updates: off; {apply.MIGRATION} ({apply.MIGRATION_HINT})")
     return 0

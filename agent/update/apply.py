@@ -13,7 +13,8 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from .boot import entries, image_version, require_uefi
+from . import boot
+from .boot import entries, require_uefi
 from .fetch import store_dir
 from .sums import Release, UpdateError
 
@@ -24,20 +25,33 @@ ESP = Path("/efi")
 ESP_SLACK = 8 << 20
 """Room kept free on the ESP beyond the new UKI (FAT's own needs, the counter renames)."""
 
+MIGRATION = (
+    "this stick has the layout from before A/B updates (one root file system) and cannot update in place: "
+    "reflash it with a new image (on another machine: sudo ci/flash hearth.raw /dev/sdX, or dd)"
+)
 MIGRATION_HINT = (
-    "this stick has the layout from before A/B updates (one root file system): reflash it with a new "
-    "image; first copy /var/lib/hearth (models, node identity, household) off the HEARTH-var partition, "
-    "or join the household again with a code after reflashing"
+    "reflashing wipes the stick: first copy /var/lib/hearth (models, node identity, household) off its "
+    "hearth-var partition, or join the household again with a code afterwards"
 )
 
 
+def require_ab_layout(os_release: Path = Path("/usr/lib/os-release"), root: Path = Path("/"),
+                      usr: Path = Path("/usr")) -> str:
+    """The running version, or UpdateError (reflash, and how) on a stick with the layout from before A/B.
+
+    That layout had /usr inside the root file system and no IMAGE_VERSION; either gives it away.
+    """
+    current = boot.image_version(os_release)
+    if current is None or os.stat(usr).st_dev == os.stat(root).st_dev:
+        raise UpdateError(MIGRATION, hint=MIGRATION_HINT)
+    return current
+
+
 def preflight(release: Release, verified: Path, esp: Path = ESP, sys_firmware: Path = Path("/sys/firmware/efi"),
-              os_release: Path = Path("/usr/lib/os-release")) -> str:
+              os_release: Path = Path("/usr/lib/os-release"), root: Path = Path("/"), usr: Path = Path("/usr")) -> str:
     """Raise UpdateError unless this node can install *release*; returns the running version."""
     require_uefi(sys_firmware)
-    current = image_version(os_release)
-    if current is None:
-        raise UpdateError("this node cannot update in place", hint=MIGRATION_HINT)
+    current = require_ab_layout(os_release, root, usr)
     for e in entries(esp):
         if e.version == release.version and e.state == "bad":
             raise UpdateError(f"version {release.version} failed its health check on this node and was rolled back; "

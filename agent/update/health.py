@@ -37,8 +37,14 @@ def verdict(check: str = CHECK, configured: Path = CONFIGURED) -> bool:
         return True
     env = dict(os.environ)
     env.pop("CREDENTIALS_DIRECTORY", None)
-    proc = subprocess.run([check], env=env, check=False)
-    return proc.returncode == 0
+    # The check's own lines ("hearth-check: ...", "hearth-check: exit N") are relabelled: on the console they
+    # would otherwise read as hearth-check.service's verdict, which the image tests wait for on the same boot.
+    proc = subprocess.Popen([check], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace")
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        say("check: " + line.rstrip("\n").removeprefix("hearth-check: "))
+    return proc.wait() == 0
 
 
 def decide(esp: Path, current: str | None) -> str:

@@ -21,7 +21,9 @@ import qemu  # noqa: E402  (ci/qemu.py: the harness people use too)
 MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 USR_TYPE = "8484680C-9521-48C6-9C11-B0720656F69E"
-"""/usr of x86-64 (the A/B image's slots)."""
+"""/usr of x86-64 (the image's A/B slots)."""
+USR_VERITY_TYPE = "77FF5F63-E7B6-4633-ACF4-1565B864C0E6"
+"""/usr verity of x86-64."""
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +47,8 @@ def harness():
 
 @contextmanager
 def mounted(image: Path, tmp: Path) -> Iterator[list[Path]]:
-    """Every mountable partition of image, mounted read-only (loop, by offset) under tmp."""
+    """Every mountable partition of image, mounted read-only (loop, by offset) under tmp; the first /usr slot
+    (squashfs) is mounted on the root's usr/, so the root reads as the booted node sees it."""
     table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], check=True, capture_output=True,
                                       text=True).stdout)["partitiontable"]
     sector = int(table.get("sectorsize", 512))
@@ -59,7 +62,7 @@ def mounted(image: Path, tmp: Path) -> Iterator[list[Path]]:
             point.mkdir()
             offset = int(part["start"]) * sector
             if part["type"].upper() == USR_TYPE:
-                # A/B images: /usr is a slot of its own, mounted below the root once that is found.
+                # /usr is a slot of its own (A/B), mounted below the root once that is found.
                 if part.get("name", "").startswith("hearth_"):
                     usr_slots.append(part)
                 continue

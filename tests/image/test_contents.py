@@ -53,6 +53,7 @@ def test_hearth_command_and_units(fs):
 
 
 def test_boot_loaders_and_growth(fs):
+    """systemd-boot and grub on the ESP, the preset example, and /var set to grow on first boot."""
     esp = fs["esp"]
     assert list((esp / "EFI/Linux").glob("*.efi")), "no UKI on the ESP"
     assert (esp / "EFI/systemd/systemd-bootx64.efi").exists() or (esp / "EFI/BOOT/BOOTX64.EFI").exists()
@@ -74,3 +75,46 @@ def test_household_page_ships_built(fs):
     assert "assets/app.js" in (static / "index.html").read_text()
     assert not (site / "hearth/page/web").exists()
     assert not (root / "usr/bin/node").exists() and not (root / "usr/bin/npm").exists()
+
+
+def test_ab_layout(image, harness, fs):
+    """The disk is the A/B layout (README, "Updates"): slot A's /usr is a squashfs with its verity tree and
+    room for later versions, slot B and its verity partition are the same sizes and empty, the node's root
+    and /var sit after them (/var last, so it can grow), and the UKI boots slot A by its verity root hash."""
+    import configparser
+
+    osr = configparser.ConfigParser()
+    osr.read_string("[o]\n" + (fs["root"] / "usr/lib/os-release").read_text())
+    version = osr["o"]["IMAGE_VERSION"].strip('"')
+    parts = harness.partitions(image)
+    names = [(p["type"].upper(), p.get("name", "")) for p in parts]
+    usr, verity = "8484680C-9521-48C6-9C11-B0720656F69E", "77FF5F63-E7B6-4633-ACF4-1565B864C0E6"
+    assert names == [("C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "HEARTH"),
+                     ("21686148-6449-6E6F-744E-656564454649", names[1][1]),
+                     (usr, f"hearth_{version}"), (verity, f"hearth_{version}_verity"),
+                     (usr, "_empty"), (verity, "_empty"),
+                     ("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709", "hearth-root"),
+                     ("4D21B016-B534-45C2-A9FB-5C16E091FD2D", "hearth-var")], names
+    a, a_verity, b, b_verity = parts[2:6]
+    assert a["size"] == b["size"] and a_verity["size"] == b_verity["size"], "slot B must match slot A"
+    with open(image, "rb") as disk:
+        def read(part: dict, length: int, at: int = 0) -> bytes:
+            disk.seek(part["start"] + at)
+            return disk.read(length)
+
+        head = read(a, 96)
+        assert head[:4] == b"hsqs", "slot A is not a squashfs"
+        used = int.from_bytes(head[40:48], "little")  # the squashfs superblock's bytes_used
+        print(f"/usr squashfs: {used / 2**20:.0f} MiB of a {a['size'] / 2**20:.0f} MiB slot")
+        assert used <= 0.9 * a["size"], "slot A leaves later versions less than 10 % to grow"
+        assert read(a_verity, 8) == b"verity\0\0", "slot A's verity partition has no verity superblock"
+        for empty in (b, b_verity):
+            assert not any(read(empty, 1 << 20)), f"{empty['name']} must ship empty"
+    root_hash = (a["uuid"] + a_verity["uuid"]).replace("-", "").lower()
+    ukis = sorted((fs["esp"] / "EFI/Linux").glob("*.efi"))
+    assert [u.name for u in ukis] == [f"hearth_{version}+3.efi"], "the UKI must carry three tries"
+    assert f"usrhash={root_hash}".encode() in ukis[0].read_bytes(), "the UKI does not boot slot A"
+    root = fs["root"]
+    assert {p.name for p in (root / "usr/lib/sysupdate.d").glob("*.transfer")} == {
+        "50-hearth-usr.transfer", "51-hearth-usr-verity.transfer", "90-hearth-uki.transfer"}
+    assert (root / "usr/lib/systemd/system/boot-complete.target.requires/hearth-health.service").exists()

@@ -244,16 +244,21 @@ def test_boot_entries_counting_and_fallback(tmp_path: Path) -> None:
     assert boot.version_key("1.10") > boot.version_key("1.9")
 
 
-def test_health_verdict(tmp_path: Path) -> None:
+def test_health_verdict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ok, bad = tmp_path / "ok", tmp_path / "bad"
-    ok.write_text("#!/bin/sh\nexit 0\n")
-    bad.write_text("#!/bin/sh\nexit 123\n")
+    ok.write_text("#!/bin/sh\necho 'hearth-check: exit 0'\nexit 0\n")
+    bad.write_text("#!/bin/sh\necho 'hearth-check: FAIL: no agent' >&2\necho 'hearth-check: exit 123'\nexit 123\n")
     ok.chmod(0o755)
     bad.chmod(0o755)
     assert health.verdict(str(bad), tmp_path / "not-configured")  # the wizard is still waiting: OS only
     (tmp_path / "configured").touch()
     assert health.verdict(str(ok), tmp_path / "configured")
     assert not health.verdict(str(bad), tmp_path / "configured")
+    # The check's lines are relabelled, so the console never shows a second "hearth-check: exit" verdict
+    # beside hearth-check.service's own on the same boot (the image tests wait for that one).
+    out = capsys.readouterr().out
+    assert "hearth-health: check: exit 0" in out and "hearth-health: check: FAIL: no agent" in out
+    assert "hearth-check:" not in out
 
 
 def test_preflight_refuses_bios_old_layout_and_full_esp(tmp_path: Path, keys: dict[str, Path],
@@ -267,25 +272,29 @@ def test_preflight_refuses_bios_old_layout_and_full_esp(tmp_path: Path, keys: di
     with pytest.raises(UpdateError) as e:
         apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=tmp_path / "no-efi", os_release=osr)
     assert "legacy BIOS" in e.value.message and "UEFI" in (e.value.hint or "")
+    # The layout from before A/B: no IMAGE_VERSION, or /usr inside the root file system. "/" and "/proc" stand
+    # for a root and a /usr on two file systems, "/" twice for one.
     old = tmp_path / "old-release"
     old.write_text("ID=debian\n")
-    with pytest.raises(UpdateError) as e:
-        apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=efi, os_release=old)
-    assert "reflash" in (e.value.hint or "")
-    assert apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=efi, os_release=osr) == "1"
+    for release, usr in ((old, Path("/proc")), (osr, Path("/"))):
+        with pytest.raises(UpdateError) as e:
+            apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=efi, os_release=release, usr=usr)
+        assert "cannot update in place: reflash" in e.value.message and "ci/flash" in e.value.message
+        assert "\n" not in e.value.message and "hearth-var" in (e.value.hint or "")
+    assert apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=efi, os_release=osr, usr=Path("/proc")) == "1"
     # A version that already failed here is not installed again; one that is installed says so.
     (tmp_path / "EFI" / "Linux").mkdir(parents=True)
     (tmp_path / "EFI" / "Linux" / "hearth_2+0-1.efi").write_bytes(b"")
     with pytest.raises(UpdateError, match="failed its health check"):
-        apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=efi, os_release=osr)
+        apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=efi, os_release=osr, usr=Path("/proc"))
     (tmp_path / "EFI" / "Linux" / "hearth_2+0-1.efi").rename(tmp_path / "EFI" / "Linux" / "hearth_2+3.efi")
     with pytest.raises(UpdateError, match="already installed") as e:
-        apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=efi, os_release=osr)
+        apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=efi, os_release=osr, usr=Path("/proc"))
     assert e.value.hint == "reboot to start it"
     shutil.rmtree(tmp_path / "EFI")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(256 << 20, 250 << 20, 6 << 20))  # type: ignore[attr-defined]
     with pytest.raises(UpdateError, match="ESP has 6 MiB free"):
-        apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=efi, os_release=osr)
+        apply.preflight(rel, tmp_path / "v", esp=tmp_path, sys_firmware=efi, os_release=osr, usr=Path("/proc"))
 
 
 def _config(tmp_path: Path, **update: object) -> Path:
@@ -320,6 +329,14 @@ def test_cli_errors_and_check(tmp_path: Path, keys: dict[str, Path], capsys: pyt
     assert not (tmp_path / "state" / "updates" / "verified").exists()
     assert main(["--config", str(cfg), "update", "status"]) == 0
     assert "updates: off" in capsys.readouterr().out
+    # A stick with the layout from before A/B (here: this host, /usr inside /): one line saying to reflash
+    # and how, before anything is downloaded.
+    monkeypatch.setattr(boot, "booted_uefi", lambda *a: True)
+    monkeypatch.setattr(boot, "image_version", lambda *a: None)
+    assert main(["--config", str(cfg), "update", "apply", "--from", str(tmp_path / "pub")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert "cannot update in place: reflash" in err[0] and "ci/flash" in err[0] and err[1].startswith("hint:")
+    assert not (tmp_path / "state" / "updates" / "verified").exists()
 
 
 UKIFY = Path("/usr/lib/systemd/ukify")
