@@ -38,8 +38,9 @@ FAMILIES = {
     "devstral": "unsloth-mistral-Devstral-Small-2507.jinja",
     "gemma3": "hearth:gemma.jinja",  # Hearth's own templates (profiles/templates/)
     "mistral-small": "hearth:mistral-v7.jinja",  # the catalogue's Mistral Small 3 (2501): its GGUF has no tools
+    "phi4": "hearth:phi4-mini.jinja",  # the catalogue's Phi-4-mini: Microsoft's template writes no calls
 }
-PARALLEL = {"qwen2.5", "qwen3", "mistral-nemo", "mistral-small", "mistral-small-3.2", "gemma3", "ministral3", "devstral"}
+PARALLEL = {"qwen2.5", "qwen3", "mistral-nemo", "mistral-small", "mistral-small-3.2", "gemma3", "ministral3", "devstral", "phi4"}
 """Families whose template can hold several calls in one turn (llama.cpp's supports_parallel_tool_calls)."""
 UPSTREAM_PARSER_BUG = {
     "mistral-small-3.2": "the vendored llama.cpp's template analysis takes Mistral Small 3.2's [ARGS] for the end of "
