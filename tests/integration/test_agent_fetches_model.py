@@ -252,4 +252,7 @@ def test_a_stored_model_stands_in_while_the_chosen_one_downloads(
     body = agent.health().json()
     assert body["status"] == "ready" and "download" not in body and not any("standin" in w for w in body["warnings"])
     assert _complete(agent)
-    assert "stopped the stand-in model standin" in agent.log()
+    # The stand-in leaves the router first, then its llama-server is stopped (seconds on a busy machine).
+    while "stopped the stand-in model standin" not in agent.log():
+        assert time.monotonic() < deadline + 30, agent.log()
+        time.sleep(0.2)
