@@ -17,6 +17,7 @@ import socket
 import string
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -101,6 +102,36 @@ def make_tiny_gguf(path: Path, *, n_embd: int = 64, n_layer: int = 2, n_head: in
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+CACHE = Path(os.environ.get("HEARTH_CACHE") or Path.home() / ".cache" / "hearth")
+
+
+@pytest.fixture(scope="session")
+def gguf_maker() -> Callable[..., Path]:
+    """make_tiny_gguf, for tests that generate a model of their own (another template, size or seed)."""
+    pytest.importorskip("gguf")
+    return make_tiny_gguf
+
+
+@pytest.fixture(scope="session")
+def runtime_source() -> Callable[[str], bytes]:
+    """A reader of files in the runtime's llama.cpp source (ci/runtime keeps its sdist under
+    $HEARTH_CACHE/src): vocabularies under models/, chat templates under models/templates/."""
+    sdists = sorted((CACHE / "src").glob("llama_cpp_python-*.tar.gz"))
+    if not sdists:
+        pytest.fail("the runtime's source (ci/runtime keeps it in $HEARTH_CACHE/src) is missing")
+
+    def read(path: str) -> bytes:
+        """The file whose path in the sdist ends with /*path* (e.g. 'models/templates/X.jinja')."""
+        with tarfile.open(sdists[-1]) as tar:
+            member = next((m for m in tar.getmembers() if m.name.endswith("/" + path)), None)
+            data = tar.extractfile(member) if member is not None else None
+            if data is None:
+                pytest.fail(f"{path} is not in the runtime's source {sdists[-1].name}")
+            return data.read()
+
+    return read
 
 
 @pytest.fixture(scope="session")

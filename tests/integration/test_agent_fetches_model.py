@@ -9,10 +9,8 @@ stays up, /health says 503 "error" with the reason, and it recovers once the ser
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import re
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,15 +28,9 @@ AgentFactory = Any  # the fixtures' types live in conftest.py
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_file(tmp_path_factory: pytest.TempPathFactory, gguf_maker: Any) -> Path:
     """A tiny model of a few MiB: bigger than the download's 1 MiB chunk, so progress shows between chunks."""
-    spec = importlib.util.spec_from_file_location("hearth_it_conftest", Path(__file__).with_name("conftest.py"))
-    assert spec is not None and spec.loader is not None
-    helpers = sys.modules.get(spec.name) or importlib.util.module_from_spec(spec)
-    if spec.name not in sys.modules:
-        sys.modules[spec.name] = helpers  # its dataclasses look their module up there
-        spec.loader.exec_module(helpers)
-    return Path(helpers.make_tiny_gguf(tmp_path_factory.mktemp("src") / "tiny-model.gguf", n_embd=256, n_ff=512))
+    return Path(gguf_maker(tmp_path_factory.mktemp("src") / "tiny-model.gguf", n_embd=256, n_ff=512))
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -226,13 +218,12 @@ def _models(agent: Any) -> list[str]:
 
 
 def test_a_stored_model_stands_in_while_the_chosen_one_downloads(
-        agent_factory: AgentFactory, catalogue: Server, tmp_path: Path, llama_runtime: Any) -> None:
+        agent_factory: AgentFactory, catalogue: Server, gguf_maker: Any, tmp_path: Path, llama_runtime: Any) -> None:
     """A stick set up without internet (or before the download is done) still answers: the model on the
     stick serves until the chosen catalogue model is in, then the node switches to it."""
-    helpers = sys.modules["hearth_it_conftest"]
     state = tmp_path / "node"
     (state / "models").mkdir(parents=True)
-    helpers.make_tiny_gguf(state / "models" / "standin.gguf", seed=3)
+    gguf_maker(state / "models" / "standin.gguf", seed=3)
     catalogue.delay = 0.1  # a few seconds of download: long enough to use the stand-in meanwhile
     catalogue.start()
     agent = agent_factory("tiny", wait=False, state__dir=str(state))

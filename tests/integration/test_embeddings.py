@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import math
 import struct
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-CACHE = Path(__import__("os").environ.get("HEARTH_CACHE") or Path.home() / ".cache" / "hearth")
 N_EMBD = 64
 N_CTX = 1024
 
@@ -95,17 +93,11 @@ def make_bert_gguf(path: Path, vocab_gguf: Path, *, n_embd: int = N_EMBD, n_laye
 
 
 @pytest.fixture(scope="module")
-def bert_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bert_gguf(tmp_path_factory: pytest.TempPathFactory, runtime_source: Any) -> Path:
     """The generated embedding model, its vocabulary read from the runtime's cached llama.cpp source."""
     pytest.importorskip("gguf")
-    sdists = sorted((CACHE / "src").glob("llama_cpp_python-*.tar.gz"))
-    if not sdists:
-        pytest.fail("the runtime's source (ci/runtime keeps it in $HEARTH_CACHE/src) is missing")
     out = tmp_path_factory.mktemp("bert")
-    with tarfile.open(sdists[-1]) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith("/models/ggml-vocab-bert-bge.gguf"))
-        member.name = "vocab.gguf"
-        tar.extract(member, out)
+    (out / "vocab.gguf").write_bytes(runtime_source("models/ggml-vocab-bert-bge.gguf"))
     return make_bert_gguf(out / "tiny-bert.gguf", out / "vocab.gguf")
 
 

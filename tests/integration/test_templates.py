@@ -13,10 +13,7 @@ the answer's structure; the random weights only pick among what the grammar allo
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import sys
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,6 @@ from hearth.serving.llamaserver import ServerProcess, ServerSpec, templates_dir
 
 pytestmark = pytest.mark.integration
 
-CACHE = Path(__import__("os").environ.get("HEARTH_CACHE") or Path.home() / ".cache" / "hearth")
 FAMILIES = {
     "qwen2.5": "Qwen-Qwen2.5-7B-Instruct.jinja",
     "qwen3": "Qwen-Qwen3-0.6B.jinja",
@@ -40,7 +36,8 @@ FAMILIES = {
     "mistral-small": "hearth:mistral-v7.jinja",  # the catalogue's Mistral Small 3 (2501): its GGUF has no tools
     "phi4": "hearth:phi4-mini.jinja",  # the catalogue's Phi-4-mini: Microsoft's template writes no calls
 }
-PARALLEL = {"qwen2.5", "qwen3", "mistral-nemo", "mistral-small", "mistral-small-3.2", "gemma3", "ministral3", "devstral", "phi4"}
+PARALLEL = {"qwen2.5", "qwen3", "mistral-nemo", "mistral-small", "mistral-small-3.2", "gemma3", "ministral3", "devstral",
+            "phi4"}
 """Families whose template can hold several calls in one turn (llama.cpp's supports_parallel_tool_calls)."""
 UPSTREAM_PARSER_BUG = {
     "mistral-small-3.2": "the vendored llama.cpp's template analysis takes Mistral Small 3.2's [ARGS] for the end of "
@@ -68,16 +65,12 @@ def _template(name: str, template_files: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def template_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    sdists = sorted((CACHE / "src").glob("llama_cpp_python-*.tar.gz"))
-    if not sdists:
-        pytest.fail("the runtime's source (ci/runtime keeps it in $HEARTH_CACHE/src) is missing")
+def template_files(tmp_path_factory: pytest.TempPathFactory, runtime_source: Any) -> Path:
+    """The vendored llama.cpp's templates of FAMILIES, as files."""
     out = tmp_path_factory.mktemp("templates")
-    with tarfile.open(sdists[-1]) as tar:
-        for member in tar.getmembers():
-            if "/models/templates/" in member.name and Path(member.name).name in FAMILIES.values():  # vendored ones
-                member.name = Path(member.name).name
-                tar.extract(member, out)
+    for name in FAMILIES.values():
+        if not name.startswith("hearth:"):
+            (out / name).write_bytes(runtime_source("models/templates/" + name))
     return out
 
 
@@ -159,13 +152,13 @@ def _streamed_calls(stream: Any) -> tuple[dict[int, dict[str, str]], str | None,
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.xfail(reason=UPSTREAM_PARSER_BUG[f], strict=True))
                                     if f in UPSTREAM_PARSER_BUG else f for f in sorted(FAMILIES)])
 def test_family_tool_calls_come_back_structured(family: str, template_files: Path, agent_factory: Any,
-                                                tmp_path: Path, llama_runtime: Any) -> None:
+                                                gguf_maker: Any, tmp_path: Path, llama_runtime: Any) -> None:
     """tool_choice required, a named function and parallel calls, whole and streamed, with the official
     openai client: the call is written in the family's own syntax and parsed back by llama.cpp."""
     openai = pytest.importorskip("openai")
     name = FAMILIES[family]
     template = _template(name, template_files).read_text()
-    model = make_tiny_gguf(tmp_path / f"{family}.gguf", n_ctx=8192, chat_template=template)
+    model = gguf_maker(tmp_path / f"{family}.gguf", n_ctx=8192, chat_template=template)
     agent = agent_factory(model, threads=1, model__context=8192)
     client = openai.OpenAI(base_url=agent.url + "/v1", api_key="unused-on-loopback", max_retries=0, timeout=120)
     # JSON allows any whitespace between its tokens, and random weights can fill a budget with it: kept out.
@@ -211,17 +204,6 @@ def test_family_tool_calls_come_back_structured(family: str, template_files: Pat
     assert len(complete) >= 2 and all(_valid(c["name"], c["arguments"]) for c in complete), got
 
 
-def make_tiny_gguf(path: Path, **kw: Any) -> Path:
-    """conftest.py's generated model (loaded as a module the way test_agent_fetches_model does)."""
-    spec = importlib.util.spec_from_file_location("hearth_it_conftest", Path(__file__).with_name("conftest.py"))
-    assert spec is not None and spec.loader is not None
-    helpers = sys.modules.get(spec.name) or importlib.util.module_from_spec(spec)
-    if spec.name not in sys.modules:
-        sys.modules[spec.name] = helpers  # its dataclasses look their module up there
-        spec.loader.exec_module(helpers)
-    return Path(helpers.make_tiny_gguf(path, **kw))
-
-
 def _whitespace(model: Path) -> list[int]:
     """The ids of the tiny model's whitespace tokens (space, tab, newlines, SentencePiece's word start)."""
     import gguf  # type: ignore[import-untyped]
@@ -231,13 +213,13 @@ def _whitespace(model: Path) -> list[int]:
     return [i for i, t in enumerate(tokens) if t in ("<0x09>", "<0x0A>", "<0x0D>", "<0x20>", "\u2581")]
 
 
-def test_mistral_small_s_native_call_does_not_parse_in_this_llama_cpp(template_files: Path, tiny_gguf: Path,
+def test_mistral_small_s_native_call_does_not_parse_in_this_llama_cpp(template_files: Path, gguf_maker: Any,
                                                                       tmp_path: Path, llama_runtime: Any) -> None:
     """The evidence for UPSTREAM_PARSER_BUG: the call exactly as Mistral Small 3.2's template renders it, given
     to llama-server as the answer so far, is refused by its parser; the doubled [ARGS] its grammar wants is
     accepted. When this fails, the vendored llama.cpp has been fixed: drop the xfail."""
     template = template_files / FAMILIES["mistral-small-3.2"]
-    model = make_tiny_gguf(tmp_path / "mistral-small.gguf", n_ctx=8192, chat_template=template.read_text())
+    model = gguf_maker(tmp_path / "mistral-small.gguf", n_ctx=8192, chat_template=template.read_text())
     spec = ServerSpec(name="mistral-small", model_path=model, socket_path=tmp_path / "m.sock", context=4096, threads=1)
 
     async def answer(prefill: str) -> Any:

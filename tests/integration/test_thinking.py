@@ -14,7 +14,6 @@ Hearth's wire formats, which is what these tests check.
 from __future__ import annotations
 
 import string
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-CACHE = Path(__import__("os").environ.get("HEARTH_CACHE") or Path.home() / ".cache" / "hearth")
 QWEN3 = "Qwen-Qwen3-0.6B.jinja"
 ASK = [{"role": "user", "content": "Say hello."}]
 THOUGHT = "Let me think"
@@ -103,15 +101,10 @@ def make_chain_gguf(path: Path, chat_template: str, chain: list[str], *, n_ctx: 
 
 
 @pytest.fixture(scope="module")
-def thinking_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def thinking_gguf(tmp_path_factory: pytest.TempPathFactory, runtime_source: Any) -> Path:
     """The chain model with Qwen3's template (read from the runtime's cached llama.cpp source)."""
     pytest.importorskip("gguf")
-    sdists = sorted((CACHE / "src").glob("llama_cpp_python-*.tar.gz"))
-    if not sdists:
-        pytest.fail("the runtime's source (ci/runtime keeps it in $HEARTH_CACHE/src) is missing")
-    with tarfile.open(sdists[-1]) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith("/models/templates/" + QWEN3))
-        template = tar.extractfile(member).read().decode()  # type: ignore[union-attr]
+    template = runtime_source("models/templates/" + QWEN3).decode()
     chain = ["<0x0A>", "<think>", "Let", "\u2581me", "\u2581think", "</think>", "\n\n", "Hello", "<|im_end|>"]
     return make_chain_gguf(tmp_path_factory.mktemp("thinking") / "qwen3-chain.gguf", template, chain)
 
