@@ -7,7 +7,6 @@ rule for loopback holds for the page too.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import re
 import sys
@@ -37,23 +36,7 @@ def loopback_catalogue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
     fetches = _server_module()
     data = make_tiny_gguf(tmp_path / "tiny-model.gguf", n_embd=256, n_ff=512).read_bytes()
     server = fetches.Server(data, fetches._free_port(), delay=0.05)
-    (tmp_path / "models.yaml").write_text(f"""models:
-  - name: tiny
-    display_name: Tiny test model
-    family: test
-    parameters_b: 0.01
-    quantization: F32
-    file: tiny-model.gguf
-    size_bytes: {len(data)}
-    sources: ["http://127.0.0.1:{server.port}/tiny-model.gguf"]
-    sha256: {hashlib.sha256(data).hexdigest()}
-    licence: test
-    context_length: 256
-    n_layers: 2
-    n_kv_heads: 4
-    head_dim: 64
-    embedding_length: 256
-""")
+    fetches.write_catalogue(tmp_path / "models.yaml", data, server.port, display_name="Tiny test model")
     monkeypatch.setenv("HEARTH_CATALOGUE", str(tmp_path / "models.yaml"))
     server.start()
     yield server

@@ -92,21 +92,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def catalogue(tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
-    """A one-entry catalogue ('tiny') whose source is a loopback server (not started yet)."""
-    data = model_file.read_bytes()
-    server = Server(data, _free_port(), delay=0.04)
-    path = tmp_path / "models.yaml"
+def write_catalogue(path: Path, data: bytes, port: int, display_name: str = "Tiny") -> Path:
+    """A one-entry catalogue: 'tiny', the GGUF *data*, served at http://127.0.0.1:*port*/tiny-model.gguf."""
     path.write_text(f"""models:
   - name: tiny
-    display_name: Tiny
+    display_name: {display_name}
     family: test
     parameters_b: 0.01
     quantization: F32
     file: tiny-model.gguf
     size_bytes: {len(data)}
-    sources: ["http://127.0.0.1:{server.port}/tiny-model.gguf"]
+    sources: ["http://127.0.0.1:{port}/tiny-model.gguf"]
     sha256: {hashlib.sha256(data).hexdigest()}
     licence: test
     context_length: 256
@@ -115,6 +111,15 @@ def catalogue(tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch)
     head_dim: 64
     embedding_length: 256
 """)
+    return path
+
+
+@pytest.fixture
+def catalogue(tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    """A one-entry catalogue ('tiny') whose source is a loopback server (not started yet)."""
+    data = model_file.read_bytes()
+    server = Server(data, _free_port(), delay=0.04)
+    path = write_catalogue(tmp_path / "models.yaml", data, server.port)
     monkeypatch.setenv("HEARTH_CATALOGUE", str(path))
     monkeypatch.setenv("HEARTH_ACQUIRE_BACKOFF", "0.3,1")
     yield server
