@@ -12,12 +12,11 @@ member, and a chat sent to A (routed to B over the channel) is answered.
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import subprocess
 
 import pytest
-from meshlab import PYTHON, ROOT, Agent, openai_stream, run_in, wait_for
+from meshlab import PYTHON, ROOT, Agent, openai_stream, wait_for
 
 if importlib.util.find_spec("llama_cpp") is None:
     pytest.skip("the pool tests serve a real model through the runtime", allow_module_level=True)
@@ -30,16 +29,6 @@ LOCAL = "http://127.0.0.1:8080"
 MODEL = "gemma3-270m"
 CONTEXT = 1024
 """meshlab's model.context: selection sizes every model at exactly this context."""
-
-
-def get(agent: Agent, path: str) -> dict:
-    """GET *path* from the agent's API on its own loopback (no key needed there)."""
-    res = run_in(agent.ns, PYTHON, "-c", f"import httpx; print(httpx.get('{LOCAL}{path}', timeout=5).text)",
-                 timeout=30)
-    try:
-        return dict(json.loads(res.stdout))
-    except ValueError:
-        return {}
 
 
 def offer_mib() -> int:
@@ -73,7 +62,7 @@ def household(lan, tmp_path_factory, gemma_path):
         for n in (a, b):
             n.wait_up(120)
         # B weighs the offers every 10 s; then the pool forms (A receives its layers over the channel).
-        wait_for(lambda: (get(b, "/health").get("pool") or {}).get("models", {}).get(MODEL, {}).get("state")
+        wait_for(lambda: (b.local_get("/health").get("pool") or {}).get("models", {}).get(MODEL, {}).get("state")
                  == "ready", timeout=240, interval=0.5)
         yield {"A": a, "B": b}
     finally:
@@ -85,10 +74,10 @@ def test_the_node_forms_the_pool_by_itself_and_shows_it(household):
     a, b = household["A"], household["B"]
     assert "no model fits this node" in b.log_text() and "(model.max_ram_mib)" in b.log_text()
     assert "running it across the household pool" in b.log_text()
-    pooled = get(b, "/health")["pool"]["models"][MODEL]
+    pooled = b.local_get("/health")["pool"]["models"][MODEL]
     assert [m["name"] for m in pooled["members"]] == ["hearth-a"], pooled
     assert sum(m["layers"] for m in pooled["members"]) == 18 and pooled["members"][-1]["output"], pooled
-    listed = {m["id"]: m.get("pool") for m in get(b, "/v1/models")["data"]}
+    listed = {m["id"]: m.get("pool") for m in b.local_get("/v1/models")["data"]}
     assert listed.get(MODEL) == ["hearth-a"], listed
     status = subprocess.run(["ip", "netns", "exec", b.ns.name, PYTHON, "-m", "hearth", "--config", str(b.config_path),
                              "status"], capture_output=True, text=True, timeout=60, cwd=ROOT)
@@ -97,6 +86,6 @@ def test_the_node_forms_the_pool_by_itself_and_shows_it(household):
     assert re.search(rf"^pooled\s+{MODEL} \(hearth-a 18 layers \+ output\)$", status.stdout, re.M), status.stdout
     # A serves nothing itself and asked for nothing: once B's signed state says what B serves, the chat A
     # takes goes to B's pooled model.
-    wait_for(lambda: MODEL in {m["id"] for m in get(a, "/v1/models").get("data", [])}, timeout=30, interval=0.3)
+    wait_for(lambda: MODEL in {m["id"] for m in a.local_get("/v1/models").get("data", [])}, timeout=30, interval=0.3)
     answer = openai_stream(a.ns, LOCAL, MODEL, "Write a short story about a lighthouse keeper.", max_tokens=12)
     assert len(answer["chunks"]) > 2, answer

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -33,13 +32,7 @@ POOLED = "gemma-pooled"
 
 def pool_view(agent: Agent) -> dict:
     """The 'pool' part of the agent's /health."""
-    res = subprocess.run(["ip", "netns", "exec", agent.ns.name, PYTHON, "-c",
-                          f"import httpx; print(httpx.get('{LOCAL}/health', timeout=5).text)"],
-                         capture_output=True, text=True, timeout=30, cwd=ROOT)
-    try:
-        return dict(json.loads(res.stdout).get("pool") or {})
-    except ValueError:
-        return {}
+    return dict(agent.local_get("/health").get("pool") or {})
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +93,9 @@ def test_split_across_two_namespaces_answers_like_one_node(pool):
     split = openai_stream(c.ns, LOCAL, POOLED, PROMPT, max_tokens=32)
     one = one_node(pool["gemma"], pool["base"] / "reference", PROMPT, 32)
     assert len(split["chunks"]) > 5 and "".join(split["chunks"]) == one
-    res = subprocess.run(["ip", "netns", "exec", c.ns.name, PYTHON, "-c",
-                          f"import httpx; print(httpx.get('{LOCAL}/v1/models').text)"],
-                         capture_output=True, text=True, timeout=30, cwd=ROOT)
-    listed = {m["id"]: m.get("pool") for m in json.loads(res.stdout)["data"]}
-    assert sorted(listed[POOLED]) == ["hearth-a", "hearth-b"], res.stdout
+    models = c.local_get("/v1/models")
+    listed = {m["id"]: m.get("pool") for m in models["data"]}
+    assert sorted(listed[POOLED]) == ["hearth-a", "hearth-b"], models
 
 
 def test_a_member_killed_mid_stream_ends_it_cleanly_and_the_pool_reforms(pool):
