@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -96,5 +97,8 @@ def run_page_password(args: argparse.Namespace) -> int:
     from .. import config
     from ..setup import apply
 
+    shadow = args.root / "etc/shadow"
+    if not os.access(shadow, os.R_OK):
+        raise UsageError(f"cannot read {shadow}", hint="run it as root (hearth-page-password.service does)")
     print(apply.page_password(args.root, config.load()))
     return 0

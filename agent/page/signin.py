@@ -56,14 +56,17 @@ def _shadow_hash(root: Path) -> str | None:
         fields = line.split(":")
         if fields[0] == "admin" and len(fields) > 1:
             return fields[1] if fields[1].startswith("$") else ""  # "!", "*" or "": locked or no password
-    return None
+    return ""  # no admin account: no password
 
 
 def copy_from_shadow(root: Path, state_dir: str | os.PathLike[str]) -> str:
     """Copy admin's hash from *root*/etc/shadow into *state_dir* (already under *root*): the setup step, and
     ``hearth setup page-password`` after every change of /etc/shadow. A locked or removed admin password
-    removes the copy, so the page never takes a password the system no longer does."""
+    removes the copy, so the page never takes a password the system no longer does; a shadow file that
+    cannot be read (not root) changes nothing."""
     hashed = _shadow_hash(Path(root))
+    if hashed is None and password_path(state_dir).is_file():
+        return f"cannot read {Path(root) / 'etc/shadow'}: the page keeps the admin password it had"
     if not hashed:
         with contextlib.suppress(FileNotFoundError):
             password_path(state_dir).unlink()

@@ -240,6 +240,14 @@ def test_passwd_admin_later_changes_the_page_password_too(tmp_path: Path, monkey
     assert signin.check_password("a brand new passphrase", hashed)
     assert not signin.check_password(PASSWORD, hashed) and not signin.check_password("a brand new passphras", hashed)
 
+    # A shadow file that cannot be read (not root; here: gone) changes nothing, and the command says so.
+    shadow.rename(tmp_path / "shadow.kept")
+    assert "keeps the admin password" in signin.copy_from_shadow(tmp_path, state)
+    assert signin.load_password_hash(state, root=Path("/nonexistent")) == new
+    assert main(["setup", "page-password", "--root", str(tmp_path)]) != 0
+    assert "cannot read" in capsys.readouterr().err
+    (tmp_path / "shadow.kept").rename(shadow)
+
     shadow.write_text(f"root:*:1::::::\nadmin:!{new}:20002:0:99999:7:::\n")  # passwd -l admin
     assert main(["setup", "page-password", "--root", str(tmp_path)]) == 0
     assert signin.load_password_hash(state, root=Path("/nonexistent")) is None
