@@ -43,6 +43,10 @@ def _ranking(upstream: Upstream) -> tuple[bool, float, bool, float]:
     return (not load.loaded, -load.headroom, upstream.node != "local", -load.tokens_per_second)
 
 
+MAX_TRIES = 8
+"""Upstreams one request may try before the first token (each at most once)."""
+
+
 class Router:
     """Routes generations and embeddings to the best upstream, failing over before the first token."""
 
@@ -117,7 +121,10 @@ class Router:
         if not candidates:
             raise ModelNotFound(request.model)
         last: UpstreamError | None = None
-        for upstream in candidates:
+        tried: list[Upstream] = []
+        while candidates and len(tried) < MAX_TRIES:
+            upstream = candidates.pop(0)
+            tried.append(upstream)
             sent = False
             stream = upstream.generate(request)
             try:
@@ -144,6 +151,10 @@ class Router:
             self.failovers += 1
             log.info("request %s: %s failed before the first token (%s); trying the next", request.request_id,
                      upstream.node, last.message if last else "?")
+            if not candidates:
+                # An upstream that replaced one while this request waited on it (a pool torn down and forming
+                # again leaves its waiting stand-in) is tried too: nothing was sent, the request is as new.
+                candidates = [u for u in self.candidates(request.model, request.hops) if u not in tried]
         raise _best_error(last, request.model)
 
     async def embed(self, model: str, inputs: list[str]) -> tuple[list[list[float]], int]:

@@ -178,3 +178,40 @@ def test_models_merge_across_nodes() -> None:
     assert models["z"].nodes == ("peer2",)
     r.remove_upstream(r.upstreams()[2])
     assert [m.name for m in r.models()] == ["m"]
+
+
+async def test_an_upstream_that_replaced_the_one_tried_is_tried_too() -> None:
+    """A pool torn down while a request waited on it (its member died) is replaced in the router by its
+    waiting stand-in: the request, which has sent nothing, goes there instead of failing."""
+    r = Router()
+    replacement = FakeUpstream("local", tokens=("again",))
+
+    class Replaced(FakeUpstream):
+        async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+            r.remove_upstream(self)
+            r.add_upstream(replacement)
+            raise UpstreamError("model 'm' is not ready yet", status=503)
+            yield  # an async generator
+
+    gone = Replaced("local")
+    r.add_upstream(gone)
+    events = await collect(r, req())
+    assert [e.text for e in events if isinstance(e, TokenChunk)] == ["again"] and replacement.calls == 1
+    assert r.failovers == 1
+
+    # Each upstream is tried once: one that fails and puts itself back is not retried forever.
+    class Stubborn(FakeUpstream):
+        async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+            self.calls += 1
+            r.remove_upstream(self)
+            r.add_upstream(self)
+            raise UpstreamError("down", status=503)
+            yield
+
+    r2 = Router()
+    stubborn = Stubborn("local")
+    r = r2
+    r.add_upstream(stubborn)
+    with pytest.raises(UpstreamError):
+        await collect(r, req())
+    assert stubborn.calls == 1
