@@ -292,6 +292,7 @@ Usage = namedtuple("Usage", "total used free")
 def test_no_space_is_checked_before_the_first_byte(server, model, store: Store, monkeypatch) -> None:
     url, b = server
     b.data, _ = model
+    b.delay = 0.01  # a link, not a memcpy: unpaced, the kernel's socket buffers took all 4 MiB before the hang-up
     monkeypatch.setattr(store_mod.shutil, "disk_usage", lambda p: Usage(1 << 30, 1 << 30, 1 << 20))
     with pytest.raises(NoSpaceError, match=r"not enough space: needs 4\.0 MiB, 1\.0 MiB free on "):
         download(store, f"{url}/tiny.gguf")
