@@ -585,7 +585,8 @@ class Node:
         ram = sum(d.bytes for d in self.pool_devices if d.kind == "ram")
         self.rpc = RpcServer(self.config.pool.rpc_port, [d.name for d in self.pool_devices],
                              state_dir=self.state_dir, threads=self.config.pool.threads, ram_limit=ram,
-                             on_ready=self._expose_rpc, nice=self.config.pool.nice)
+                             on_ready=self._expose_rpc, nice=self.config.pool.nice,
+                             stores=(self.config.models_dir,))
         self.rpc.start()
         log.info("pool: offering %s (%.1f GB/s measured)", ", ".join(
             f"{d.bytes / (1 << 30):.1f} GiB {d.kind} on {d.name}" for d in self.pool_devices), bandwidth)

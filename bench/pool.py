@@ -8,7 +8,8 @@ the README's "Pooling" section in one run, each measurement on its own namespace
   caps and C serves it over the channel; its greedy stream against one llama-server (identical_output),
   ms/token and TTFT split ÷ one node (pool_ms_per_token_ratio, ttft_ratio), the bytes the channel carries
   per generated token (bytes_per_token) and from them a projection on paper for a 32B model over 1 GbE,
-  2.5 GbE and Wi-Fi.
+  2.5 GbE and Wi-Fi; what forming the pool moves through the channel, and the same when A and B have the
+  model in their own stores (load_mib_through_channel, ..._members_have_it).
 
 Each prints its own lines; the last line is one JSON object with all their figures.
 

