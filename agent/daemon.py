@@ -619,7 +619,7 @@ class Node:
         node = self.mesh.node if self.mesh is not None else "local"
         name = self.mesh.name if self.mesh is not None else node
         ready = self.rpc is not None and self.rpc.ready.is_set()
-        serving = self.pooling.ready() if self.pooling is not None else ()
+        serving = self.pooling.heading() if self.pooling is not None else ()
         members = self.pooling.members() if self.pooling is not None else ()
         return Offer(node, name, tuple(self.pool_devices), ready, tuple(serving), tuple(members)).to_dict()
 
@@ -682,8 +682,11 @@ class Node:
         self._auto_pooling = asyncio.get_running_loop().create_task(self._auto_pool(every), name="auto-pool")
 
     async def _auto_pool(self, every: float) -> None:
-        while self.auto_pool is None:
+        while True:
             await asyncio.sleep(every)
+            if self.auto_pool is not None:
+                await self._yield_auto_pool()
+                continue
             if self.report is None or self.pending is not None:
                 continue  # the own model comes first: its download ends before a pooled one starts
             try:
@@ -693,6 +696,21 @@ class Node:
                 continue
             if pick is not None:
                 self._run_pick(pick)
+
+    async def _yield_auto_pool(self) -> None:
+        """Two nodes that chose the same model in the same round (a household powered on together) both
+        head a pool for it; once each sees the other's offer, the one with the higher node id drops its pool
+        and the mesh routes the model to the other. A model a peer already headed was never picked
+        (hearth.select.pool_pick)."""
+        name = self.auto_pool.model.name
+        own = self.mesh.node if self.mesh is not None else "local"
+        keeper = next((o for o in self.pool_offers() if o.node != own and o.node < own and name in o.serving), None)
+        if keeper is None:
+            return
+        log.info("pool: %s also runs %s across the pool; leaving it to that node", keeper.name, name)
+        if self.pooling is not None:
+            await self.pooling.drop(name)
+        self.auto_pool = None
 
     def pool_pick(self, offers: list[Any]) -> Any:
         """The preferred model to run across the pool given *offers* (hearth.select.pool_pick), or None."""
@@ -721,14 +739,15 @@ class Node:
         try:
             path = find_model_file(self.config, name)
         except HearthError as e:
-            if not self._fetch_for_pool(name, options):
+            if not self._fetch_for_pool(name, options, auto=True):
                 log.warning("pool: cannot run %s across the pool: %s", name, e.message)
             return
         self._pool_manager().keep(name, path, **options)
 
-    def _fetch_for_pool(self, name: str, options: dict[str, Any]) -> bool:
+    def _fetch_for_pool(self, name: str, options: dict[str, Any], auto: bool = False) -> bool:
         """Fetch catalogue model *name* (a peer first, then the catalogue's sources), then run it across the
-        pool; False when the catalogue does not know it."""
+        pool (for an *auto* pick: unless it was left to a peer meanwhile); False when the catalogue does not
+        know it."""
         try:
             from .models.catalogue import load as load_catalogue
             from .serving.acquire import Acquisition
@@ -739,6 +758,9 @@ class Node:
             return False
 
         async def ready(path: Path) -> None:
+            if auto and (self.auto_pool is None or self.auto_pool.model.name != entry.name):
+                log.info("pool: %s is in the store now; a peer runs it across the pool", entry.name)
+                return
             self._pool_manager().keep(entry.name, path, **options)
 
         log.info("pool: %s is not in the store: fetching it", entry.name)
@@ -846,6 +868,8 @@ class Node:
             await self.acquisition.stop()
         if self._auto_pooling is not None:
             self._auto_pooling.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._auto_pooling
         if self.pool_acquisition is not None:
             await self.pool_acquisition.stop()
         if self.pooling is not None:

@@ -50,7 +50,7 @@ class Offer:
     rpc_ready: bool = False
     """Its rpc-server is up (a pool can use it now)."""
     serving: tuple[str, ...] = field(default=())
-    """Pooled models this node runs as the head."""
+    """Pooled models this node heads: serving, forming, or waiting for members (a peer leaves them to it)."""
     members: tuple[str, ...] = field(default=())
     """The nodes (ids) its pools hold now, forming or serving: each one's rpc-server serves that pool only."""
 

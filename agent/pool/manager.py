@@ -190,6 +190,27 @@ class PoolManager:
         """The pooled models being served now."""
         return tuple(n for n, pm in self.models.items() if pm.state == "ready")
 
+    def heading(self) -> tuple[str, ...]:
+        """The pooled models this node heads, waiting, forming or serving (its offer's ``serving``: a peer
+        that sees one there leaves that model to this node)."""
+        return tuple(n for n, pm in self.models.items() if pm.state != "stopped")
+
+    async def drop(self, name: str) -> bool:
+        """Stop running *name* across the pool: its llama-server, its forwards and its stand-in in the router
+        go, the members are free again. False when this node does not keep it."""
+        pm = self.models.pop(name, None)
+        if pm is None:
+            return False
+        pm.state = "stopped"  # before the teardown: it must not put the stand-in back
+        if pm.task is not None:
+            pm.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pm.task
+        if pm.waiting is not None:
+            self.router.remove_upstream(pm.waiting)
+        log.info("pool: %s is no longer run across the pool from this node", name)
+        return True
+
     def members(self) -> tuple[str, ...]:
         """The nodes this node's pools hold now (forming or serving), for its offer's ``members``."""
         return tuple(dict.fromkeys(n for pm in self.models.values() if pm.plan is not None

@@ -165,9 +165,42 @@ async def test_the_node_fetches_the_pick_then_runs_it_across_the_pool(tmp_path: 
     assert name == "gemma3-4b" and path.name == "gemma3-4b.gguf" and options["context"] == 8192
     assert node.auto_pool.model.name == "gemma3-4b"
     assert node.pool.upstreams == {}  # nothing local was stopped or replaced (there was none to start with)
-    assert node._auto_pooling is not None and node._auto_pooling.done()  # one pick, then the watch ends
+    assert node._auto_pooling is not None and not node._auto_pooling.done()  # it watches for a rival head
     node.rpc = node.mesh = None  # fakes: nothing to stop there
     await node.stop(1.0)
+    assert node._auto_pooling.done()
+
+
+async def test_of_two_nodes_that_picked_the_same_model_the_lower_id_keeps_it(tmp_path: Path) -> None:
+    """A household powered on together: both auto nodes weigh the same offers in the same round and head a
+    pool for the same model. Once their offers cross, the one with the higher node id drops its pool."""
+    from hearth.daemon import Node
+
+    dropped: dict[str, list[str]] = {"a": [], "b": []}
+    nodes = {}
+    for me, peer in (("a", "b"), ("b", "a")):
+        node = Node(Config().replace(**{"state.dir": str(tmp_path / me)}))
+        node.mesh = SimpleNamespace(node=me, name=f"hearth-{me}", peers={
+            peer: SimpleNamespace(node=peer, alive=True, state={"pool": offer(peer, 2.0, serving=("gemma3-4b",)).to_dict()})})
+        node.auto_pool = SimpleNamespace(model=SimpleNamespace(name="gemma3-4b"))
+
+        async def drop(name: str, me: str = me) -> bool:
+            dropped[me].append(name)
+            return True
+
+        node.pooling = SimpleNamespace(drop=drop, heading=lambda: ("gemma3-4b",), ready=lambda: (), members=lambda: ())
+        nodes[me] = node
+    for node in nodes.values():
+        await node._yield_auto_pool()
+    assert dropped == {"a": [], "b": ["gemma3-4b"]}
+    assert nodes["a"].auto_pool is not None and nodes["b"].auto_pool is None
+    # A peer heading another model, or a dead one, changes nothing.
+    nodes["b"].auto_pool = SimpleNamespace(model=SimpleNamespace(name="qwen2.5-7b-instruct"))
+    await nodes["b"]._yield_auto_pool()
+    nodes["b"].auto_pool = SimpleNamespace(model=SimpleNamespace(name="gemma3-4b"))
+    nodes["b"].mesh.peers["a"].alive = False
+    await nodes["b"]._yield_auto_pool()
+    assert dropped["b"] == ["gemma3-4b"] and nodes["b"].auto_pool is not None
 
 
 async def test_a_node_nothing_fits_alone_is_no_error_once_the_pool_serves_for_it(tmp_path: Path) -> None:

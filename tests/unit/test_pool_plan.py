@@ -293,6 +293,27 @@ async def test_manager_forms_serves_breaks_and_reforms(tmp_path: Path, fake_serv
     await serving.stop()
 
 
+async def test_manager_heads_what_it_keeps_and_drops_a_model(tmp_path: Path, fake_server: tuple[str, ...]) -> None:
+    model = write_gguf(tmp_path / "big.gguf", n_layer=4)
+    lay = layout_from_gguf(model, 64)
+    room = lay.overhead + lay.output_bytes + 3 * lay.per_layer
+    offers: dict[str, Offer] = {}
+    router, serving, manager = _manager(tmp_path, offers)
+    manager.keep("big", model, context=64, slots=1, command=fake_server)
+    # Waiting for members already counts as heading it: a peer seeing it in this node's offer leaves it alone.
+    await wait_until(lambda: manager.status()["big"]["state"] == "waiting")
+    assert manager.heading() == ("big",) and manager.ready() == ()
+    offers.update({"a": offer("a", ("CPU", room, 10.0)), "b": offer("b", ("CPU", room, 10.0))})
+    await wait_until(lambda: manager.ready() == ("big",))
+    assert await manager.drop("big")
+    # Gone everywhere: no llama-server, no stand-in in the router, nothing headed, no members held.
+    assert manager.heading() == () and manager.members() == () and "big" not in serving.upstreams
+    assert router.models() == []
+    assert not await manager.drop("big")
+    await manager.stop()
+    await serving.stop()
+
+
 async def test_the_first_pool_waits_for_discovery_to_settle(tmp_path: Path, fake_server: tuple[str, ...]) -> None:
     """At start a node hears its peers one by one: its first pool is planned once the offers stop changing,
     so a bigger member heard a moment later is not left out for the first one heard."""
