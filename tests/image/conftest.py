@@ -39,6 +39,25 @@ def image() -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The integration tier's generated 4-layer llama (128 wide, F32; tests/integration/conftest.py), for
+    the Vulkan check inside the booted image: small enough for lavapipe under TCG."""
+    pytest.importorskip("gguf")
+    import importlib.util
+
+    name = "hearth_it_conftest"  # the name tests/browser/pagelab.py loads it under: one module, not two
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "integration" / "conftest.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return Path(module.make_tiny_gguf(tmp_path_factory.mktemp("vulkan") / "vulkan-check.gguf", n_embd=128,
+                                      n_layer=4, n_head=4, n_ff=256, n_ctx=256))
+
+
+@pytest.fixture(scope="session")
 def harness():
     """The ci/qemu.py module."""
     return qemu
