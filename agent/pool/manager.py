@@ -201,13 +201,7 @@ class PoolManager:
         pm = self.models.pop(name, None)
         if pm is None:
             return False
-        pm.state = "stopped"  # before the teardown: it must not put the stand-in back
-        if pm.task is not None:
-            pm.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pm.task
-        if pm.waiting is not None:
-            self.router.remove_upstream(pm.waiting)
+        await self._end(pm)
         log.info("pool: %s is no longer run across the pool from this node", name)
         return True
 
@@ -340,10 +334,15 @@ class PoolManager:
     async def stop(self) -> None:
         """Stop every pooled model (its llama-server and its forwards)."""
         for pm in self.models.values():
-            if pm.task is not None:
-                pm.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await pm.task
-            if pm.waiting is not None:
-                self.router.remove_upstream(pm.waiting)
-            pm.state = "stopped"
+            await self._end(pm)
+
+    async def _end(self, pm: PooledModel) -> None:
+        """Stop one pooled model: its keeper task (which tears its llama-server and forwards down) and its
+        stand-in in the router."""
+        pm.state = "stopped"  # before the teardown: it must not put the stand-in back
+        if pm.task is not None:
+            pm.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pm.task
+        if pm.waiting is not None:
+            self.router.remove_upstream(pm.waiting)

@@ -97,6 +97,15 @@ async def api(router: Router, state: Path) -> AsyncIterator[str]:
         await task
 
 
+async def both_ready(manager: PoolManager, serving: Pool, single: Any, timeout: float = 180) -> None:
+    """Wait until the pooled model and the single-node reference both serve."""
+    deadline = time.monotonic() + timeout
+    while manager.ready() != ("pooled",) or single.worker.state != "ready":
+        assert time.monotonic() < deadline, (manager.status(), serving.upstreams["pooled"].worker.log_tail
+                                             if "pooled" in serving.upstreams else None)
+        await asyncio.sleep(0.2)
+
+
 async def test_a_model_split_across_two_rpc_servers_answers_like_one_node(
         tmp_path: Path, gemma_path: Path, llama_runtime: Any) -> None:
     layout = layout_from_gguf(gemma_path, CONTEXT)
@@ -136,11 +145,7 @@ async def test_a_model_split_across_two_rpc_servers_answers_like_one_node(
     router.add_upstream(single)
     try:
         async with api(router, tmp_path) as url:
-            deadline = time.monotonic() + 180
-            while manager.ready() != ("pooled",) or single.worker.state != "ready":
-                assert time.monotonic() < deadline, (manager.status(), serving.upstreams["pooled"].worker.log_tail
-                                                     if "pooled" in serving.upstreams else None)
-                await asyncio.sleep(0.2)
+            await both_ready(manager, serving, single)
             # Both members really hold part of the model: their resident memory grew by their share.
             held = [rss(server.pid) - idle[i] for i, server in enumerate(servers)]
             assert all(h > 20 * MIB for h in held), held
@@ -211,11 +216,7 @@ async def test_a_member_that_has_the_model_loads_its_share_from_its_own_store(
     router.add_upstream(single)
     try:
         async with api(router, tmp_path) as url:
-            deadline = time.monotonic() + 180
-            while manager.ready() != ("pooled",) or single.worker.state != "ready":
-                assert time.monotonic() < deadline, (manager.status(), serving.upstreams["pooled"].worker.log_tail
-                                                     if "pooled" in serving.upstreams else None)
-                await asyncio.sleep(0.2)
+            await both_ready(manager, serving, single)
             # b read its share's big weights from the GGUF in its store ...
             from_store = [line for line in servers["b"].log_tail if "from the model store" in line]
             assert from_store and all(str(store_b.resolve()) in line for line in from_store), list(
