@@ -14,6 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--root", metavar="DIR", default="/",
                    help="probe a saved or fake machine tree instead of this machine (tests, support)")
     p.add_argument("--no-llama", action="store_true", help="do not ask llama.cpp for its devices")
+    p.add_argument("--verify-gpu", nargs="?", const="", metavar="MODEL",
+                   help="check that the GPU computes what the CPU computes: every layer of MODEL (default: the "
+                        "smallest model in the store) on the GPU, 32 tokens compared with the CPU's (minutes)")
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -26,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from ..hardware import probe
     from ..select import select
 
+    if args.verify_gpu is not None:
+        return verify_gpu(args)
     if not os.path.isdir(args.root):
         raise UsageError(f"--root {args.root}: no such directory", hint="give a machine tree such as tests/fixtures/machines/minipc-n100")
     report = probe(args.root, with_llama=not args.no_llama)
@@ -53,6 +58,44 @@ def run(args: argparse.Namespace) -> int:
     elif problem:
         print(f"Model: {problem}")
     return 0
+
+
+def verify_gpu(args: argparse.Namespace) -> int:
+    """``hearth hardware --verify-gpu [MODEL]``: hearth.hardware.verify on the GPU llama.cpp would use; exit 0
+    when every layer ran there and its tokens are the CPU's, 1 when not."""
+    from pathlib import Path
+
+    from ..errors import UsageError
+    from ..hardware import verify
+
+    if args.verify_gpu:
+        model = Path(args.verify_gpu)
+        if not model.is_file():
+            raise UsageError(f"--verify-gpu {model}: no such file", hint="give a GGUF model file, or none for the store's")
+    else:
+        store = load_config(args).models_dir
+        found = sorted((p for p in store.glob("*.gguf") if p.is_file()), key=lambda p: p.stat().st_size)
+        if not found:
+            raise UsageError(f"--verify-gpu: the model store ({store}) has no model to check with",
+                             hint="name a GGUF file: hearth hardware --verify-gpu MODEL.gguf")
+        model = found[0]
+    verdict = verify.verify(model)
+    if args.json:
+        print_json({**verdict.__dict__, "ok": verdict.ok, "model": str(model)})
+        return 0 if verdict.ok else 1
+    where = verdict.gpu_device or "no GPU"
+    print(f"GPU check on {model.name}: {verdict.matched} of {verdict.positions} tokens as the CPU's"
+          f"{f' ({verdict.near_ties} near-ties)' if verdict.near_ties else ''}, "
+          f"{verdict.layers_offloaded}/{verdict.layers_total} layers on {where}")
+    if verdict.ok:
+        print("ok: the GPU computes what the CPU computes")
+        return 0
+    if verdict.layers_total == 0 or verdict.layers_offloaded < verdict.layers_total:
+        print("not ok: llama.cpp did not put every layer on a GPU (see 'hearth hardware' for what it found)")
+    for m in verdict.mismatches[:5]:
+        print(f"not ok: position {m['pos']}: the GPU chose token {m['gpu']}, the CPU {m['cpu']} "
+              f"(the CPU's two best were {m['cpu_gap']:.3f} apart)")
+    return 1
 
 
 def print_report(report: Any) -> None:

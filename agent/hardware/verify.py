@@ -7,9 +7,9 @@ CPU's, except where the CPU's two best logits are within ``tie`` of each other (
 flip). Each side runs in its own process, so the CPU reference never sees a GPU (GGML_VK_VISIBLE_DEVICES=""
 hides every Vulkan device) and a driver that crashes takes only its child down.
 
-``python -m hearth.hardware.verify MODEL.gguf`` prints one JSON line; ``hearth hardware --verify-gpu`` calls
-it. Where the only Vulkan device is a CPU-type one (Mesa's lavapipe: tests, CI), ggml skips it unless
-``GGML_VK_VISIBLE_DEVICES`` names it; the tests set that, nothing else does.
+``python -m hearth.hardware.verify MODEL.gguf`` prints one JSON line; ``hearth hardware --verify-gpu
+[MODEL]`` says it in words. Where the only Vulkan device is a CPU-type one (Mesa's lavapipe: tests, CI),
+ggml skips it unless ``GGML_VK_VISIBLE_DEVICES`` names it; the tests set that, nothing else does.
 """
 
 from __future__ import annotations

@@ -328,3 +328,49 @@ def test_a_gpu_without_its_vendor_driver_is_used_through_llama_cpp() -> None:
     cpu_only = LlamaCpp(available=True, gpu_offload=False, devices=vulkan.devices[:1])
     assert through_llama((card,), cpu_only) == (card,)
     assert through_llama((card,), None) == (card,)
+
+
+def test_cli_verify_gpu_says_in_words_what_the_comparison_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from hearth.cli import main
+    from hearth.hardware import verify
+
+    store = tmp_path / "models"
+    store.mkdir()
+    (store / "big.gguf").write_bytes(b"G" * 300)
+    (store / "small.gguf").write_bytes(b"G" * 100)
+    config = tmp_path / "hearth.yaml"
+    config.write_text(f"state:\n  dir: {tmp_path}\n")
+    asked: list[Path] = []
+    verdicts = iter([
+        verify.Verdict(positions=32, matched=31, near_ties=1, gpu_device="Vulkan0 (AMD Radeon RX 6700 XT (RADV NAVI22))",
+                       layers_offloaded=29, layers_total=29, gpu_backends=["Vulkan"]),
+        verify.Verdict(positions=32, matched=30, near_ties=0, gpu_device="Vulkan0 (X)", layers_offloaded=29,
+                       layers_total=29, mismatches=[{"pos": 9, "cpu": 17, "gpu": 4, "cpu_gap": 0.5},
+                                                    {"pos": 20, "cpu": 3, "gpu": 8, "cpu_gap": 1.25}]),
+        verify.Verdict(positions=32, matched=32, near_ties=0, layers_offloaded=0, layers_total=29),
+    ])
+
+    def fake(model: Path, **kw: object) -> verify.Verdict:
+        asked.append(Path(model))
+        return next(verdicts)
+
+    monkeypatch.setattr(verify, "verify", fake)
+    # No model named: the store's smallest (the quickest check).
+    assert main(["--config", str(config), "hardware", "--verify-gpu"]) == 0
+    out = capsys.readouterr().out
+    assert asked == [store / "small.gguf"]
+    assert "31 of 32 tokens as the CPU's (1 near-ties), 29/29 layers on Vulkan0 (AMD Radeon" in out and "ok: " in out
+    assert main(["--config", str(config), "hardware", "--verify-gpu", str(store / "big.gguf")]) == 1
+    out = capsys.readouterr().out
+    assert "position 9: the GPU chose token 4, the CPU 17" in out and "position 20" in out
+    # Nothing on the GPU is a failure too, however well the tokens matched.
+    assert main(["--config", str(config), "hardware", "--verify-gpu", "--json"]) == 1
+    assert '"ok": false' in capsys.readouterr().out
+    # Bad input: one line that says what to do.
+    assert main(["--config", str(config), "hardware", "--verify-gpu", str(tmp_path / "nope.gguf")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    for f in store.iterdir():
+        f.unlink()
+    assert main(["--config", str(config), "hardware", "--verify-gpu"]) == 2
+    assert "has no model to check with" in capsys.readouterr().err
