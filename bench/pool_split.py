@@ -295,22 +295,20 @@ def household(base: Path, model: Path, args: argparse.Namespace, member_store: b
     stores = (pooled,) if member_store else ()
     lan = Lan()
     agents: list[Agent] = []
-    a = Agent(lan.add(), "hearth-a", base / "A", bytes(range(9, 41)), threads=args.threads, store=stores,
-              settings={"pool": {**common, "max_ram_mib": big}})
-    b = Agent(lan.add(), "hearth-b", base / "B", bytes(range(9, 41)), threads=args.threads, store=stores,
-              settings={"pool": {**common, "max_ram_mib": big}})
-    c = Agent(lan.add(), "hearth-c", base / "C", bytes(range(9, 41)), threads=args.threads, store=(pooled,),
-              settings={"pool": {**common, "enabled": False, "serve": [POOLED]}})
-    agents = [a, b, c]
 
     def health() -> dict[str, Any]:
-        res = run_in(c.ns, PYTHON, "-c", "import httpx; print(httpx.get('http://127.0.0.1:8080/health').text)")
+        res = run_in(agents[2].ns, PYTHON, "-c",
+                     "import httpx; print(httpx.get('http://127.0.0.1:8080/health').text)")
         try:
             return dict(json.loads(res.stdout))
         except ValueError:
             return {}
 
     try:
+        agents = [Agent(lan.add(), f"hearth-{n}", base / n.upper(), bytes(range(9, 41)), threads=args.threads,
+                        store=stores, settings={"pool": {**common, "max_ram_mib": big}}) for n in ("a", "b")]
+        agents.append(Agent(lan.add(), "hearth-c", base / "C", bytes(range(9, 41)), threads=args.threads,
+                            store=(pooled,), settings={"pool": {**common, "enabled": False, "serve": [POOLED]}}))
         for n in agents:
             n.start()
         for n in agents:

@@ -73,12 +73,14 @@ def verify_gpu(args: argparse.Namespace) -> int:
         if not model.is_file():
             raise UsageError(f"--verify-gpu {model}: no such file", hint="give a GGUF model file, or none for the store's")
     else:
-        store = load_config(args).models_dir
-        found = sorted((p for p in store.glob("*.gguf") if p.is_file()), key=lambda p: p.stat().st_size)
+        from ..models.store import Store
+
+        store = Store.from_config(load_config(args))
+        found = sorted(store.list(), key=lambda m: m.size)
         if not found:
-            raise UsageError(f"--verify-gpu: the model store ({store}) has no model to check with",
+            raise UsageError(f"--verify-gpu: the model store ({store.root}) has no model to check with",
                              hint="name a GGUF file: hearth hardware --verify-gpu MODEL.gguf")
-        model = found[0]
+        model = found[0].path
     verdict = verify.verify(model)
     if args.json:
         print_json({**verdict.__dict__, "ok": verdict.ok, "model": str(model)})

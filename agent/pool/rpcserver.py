@@ -9,9 +9,11 @@ rpc-server holds no model memory: a pool's head allocates what it needs), superv
 - ``-c``: llama.cpp's tensor cache under the state directory (``<state>/pool/cache/rpc``), so a share
   that came over the network once is read from this node's disk the next time a pool forms;
 - this node's model store, named in that folder's ``stores`` file: Hearth's rpc-server (runtime patch 0002)
-  looks every weight the pool's head announces by hash up in the store's GGUF files first, so a member
-  that already holds the model loads its share from its own disk, nothing of it crosses the network, and
-  the cache keeps no second copy;
+  looks a weight the pool's head announces by hash up in the store's GGUF files when the cache has no
+  file of that hash, so a member that already holds the model loads its share from its own disk, nothing
+  of it crosses the network, and the cache keeps no second copy. Each store file is hashed once (at the
+  server's start, in a thread that may start before the nice below applies) and its index kept beside
+  the cache;
 - a hard memory ceiling (RLIMIT_DATA at the RAM offered plus room for one tensor in flight) and a lower
   CPU priority (nice 10), so pool work cannot take what the node's own model needs.
 """

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,23 +39,23 @@ def image() -> Path:
     return Path(path)
 
 
-@pytest.fixture(scope="session")
-def small_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The integration tier's generated 4-layer llama (128 wide, F32; tests/integration/conftest.py), for
-    the Vulkan check inside the booted image: small enough for lavapipe under TCG."""
-    pytest.importorskip("gguf")
+def _integration_fixtures() -> Any:
+    """tests/integration/conftest.py as a module, under the name tests/browser/pagelab.py loads it by (one
+    module, not two, when both tiers run)."""
     import importlib.util
 
-    name = "hearth_it_conftest"  # the name tests/browser/pagelab.py loads it under: one module, not two
-    module = sys.modules.get(name)
-    if module is None:
+    name = "hearth_it_conftest"
+    if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "integration" / "conftest.py")
         assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return Path(module.make_tiny_gguf(tmp_path_factory.mktemp("vulkan") / "vulkan-check.gguf", n_embd=128,
-                                      n_layer=4, n_head=4, n_ff=256, n_ctx=256))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+small_gguf = _integration_fixtures().small_gguf
+"""The integration tier's generated 4-layer llama (128 wide, F32), for the Vulkan check inside the booted
+image: small enough for lavapipe under TCG. The test copies it onto the stick as vulkan-check.gguf."""
 
 
 @pytest.fixture(scope="session")
